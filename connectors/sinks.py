@@ -1,0 +1,344 @@
+"""Where output rows go: a Parquet directory (local or S3), SQLite or PostgreSQL.
+
+All sinks upsert on `id` (last write wins) and answer `done_ids` for resume.
+"""
+
+import io
+import logging
+import os
+import re
+import sqlite3
+import time
+import uuid
+from collections.abc import Iterable
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Protocol
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from botocore.exceptions import BotoCoreError, ClientError
+
+from connectors.errors import SinkError
+from connectors.redact import redact
+from connectors.rows import ROW_ARROW_SCHEMA, ROW_FIELDS, OutputRow
+from connectors.s3 import S3Options, s3_client, split_s3_url
+
+log = logging.getLogger(__name__)
+
+_TABLE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
+_DONE_COLUMNS = ["id", "status"]
+
+
+class Sink(Protocol):
+    def done_ids(self, include_errors: bool = False) -> set[str]: ...
+    def write(self, rows: list[dict]) -> None: ...
+    def close(self) -> None: ...
+
+
+def validate_table_name(table: str) -> str:
+    if not isinstance(table, str) or not _TABLE_NAME.fullmatch(table):
+        raise ValueError(f"invalid table name {table!r}: must match {_TABLE_NAME.pattern}")
+    return table
+
+
+def _validated(rows: Iterable[dict | OutputRow]) -> list[dict]:
+    """Validate and de-duplicate a batch (last row per id wins, like the upsert)."""
+    out: dict[str, dict] = {}
+    for r in rows:
+        row = r if isinstance(r, OutputRow) else OutputRow.model_validate(r)
+        out.pop(row.id, None)
+        out[row.id] = row.model_dump()
+    return list(out.values())
+
+
+def _done(pairs: Iterable[tuple[str, str]], include_errors: bool) -> set[str]:
+    latest: dict[str, str] = {}
+    for id_, status in pairs:
+        latest[id_] = status
+    return {i for i, s in latest.items() if include_errors or s == "ok"}
+
+
+def open_sink(dst: str, *, table: str = "pagemill_rows", s3: S3Options | None = None) -> "Sink":
+    """Open `dst`: `sqlite:///rel.db`, `sqlite:////abs.db`, `postgresql://…`, or a directory (local, `file://`, `s3://`).
+
+    `table` names the SQL table; a Parquet directory is the table itself and ignores it.
+    """
+    validate_table_name(table)
+    if dst.startswith("sqlite:"):
+        return SqliteSink(dst, table)
+    if dst.startswith(("postgresql://", "postgres://")):
+        return PostgresSink(dst, table)
+    if dst.startswith("s3://"):
+        return S3ParquetSink(dst, s3)
+    path = dst[len("file://"):] if dst.startswith("file://") else dst
+    if "://" in path:
+        raise ValueError(f"unsupported sink {redact(dst)!r}: use a directory, s3://, sqlite:/// or postgresql://")
+    if path.lower().endswith((".db", ".sqlite", ".sqlite3")):
+        raise ValueError(f"{path!r} looks like a database file; write sqlite:///{path} for SQLite")
+    return LocalParquetSink(path)
+
+
+# ---------------------------------------------------------------- Parquet
+
+
+_last_part_ns = 0
+
+
+def _part_name() -> str:
+    """Time first, strictly increasing in this process, so name order is write order (a later part wins)."""
+    global _last_part_ns
+    _last_part_ns = max(time.time_ns(), _last_part_ns + 1)
+    stamp = datetime.fromtimestamp(_last_part_ns // 10**9, timezone.utc).strftime("%Y%m%dT%H%M%S")
+    return f"part-{stamp}{_last_part_ns % 10**9:09d}Z-{uuid.uuid4().hex}.parquet"
+
+
+def _table(rows: list[dict]) -> pa.Table:
+    return pa.Table.from_pylist(rows, schema=ROW_ARROW_SCHEMA)
+
+
+def _is_part(name: str) -> bool:
+    return name.endswith(".parquet") and not name.startswith((".", "_"))
+
+
+class LocalParquetSink:
+    """Each `write` is one new part file, written as `.tmp` and renamed, so readers never see half a file."""
+
+    def __init__(self, root: str) -> None:
+        self.root = Path(root)
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise SinkError(f"{root}: cannot create output directory: {e.strerror or e}") from None
+
+    def _parts(self) -> list[Path]:
+        return sorted(p for p in self.root.iterdir() if p.is_file() and _is_part(p.name))
+
+    def done_ids(self, include_errors: bool = False) -> set[str]:
+        pairs: list[tuple[str, str]] = []
+        for p in self._parts():
+            t = pq.read_table(p, columns=_DONE_COLUMNS)
+            pairs.extend(zip(t.column("id").to_pylist(), t.column("status").to_pylist()))
+        return _done(pairs, include_errors)
+
+    def write(self, rows: list[dict]) -> None:
+        rows = _validated(rows)
+        if not rows:
+            return
+        final = self.root / _part_name()
+        # Dot-prefixed: Arrow, Spark and our done_ids all skip hidden files, so a crash leaves nothing visible.
+        tmp = final.with_name("." + final.name + ".tmp")
+        try:
+            with open(tmp, "wb") as fh:
+                pq.write_table(_table(rows), fh)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, final)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self) -> "LocalParquetSink":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class S3ParquetSink:
+    """Each `write` is one `put_object` of a whole part: an S3 PUT is atomic, so no temp key is needed."""
+
+    def __init__(self, url: str, s3: S3Options | None = None) -> None:
+        self.url = url.rstrip("/")
+        self.bucket, prefix = split_s3_url(self.url)
+        self.prefix = prefix + "/" if prefix else ""
+        self.client = s3_client(s3)
+
+    def _parts(self) -> list[str]:
+        keys: list[str] = []
+        try:
+            for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=self.prefix):
+                for obj in page.get("Contents", []):
+                    rel = obj["Key"][len(self.prefix):]
+                    if "/" not in rel and _is_part(rel):
+                        keys.append(obj["Key"])
+        except (ClientError, BotoCoreError) as e:
+            raise SinkError(redact(f"{self.url}: cannot list output: {e}")) from None
+        return sorted(keys)
+
+    def done_ids(self, include_errors: bool = False) -> set[str]:
+        pairs: list[tuple[str, str]] = []
+        for key in self._parts():
+            try:
+                body = self.client.get_object(Bucket=self.bucket, Key=key)["Body"].read()
+            except (ClientError, BotoCoreError) as e:
+                raise SinkError(redact(f"s3://{self.bucket}/{key}: cannot read: {e}")) from None
+            t = pq.read_table(io.BytesIO(body), columns=_DONE_COLUMNS)
+            pairs.extend(zip(t.column("id").to_pylist(), t.column("status").to_pylist()))
+        return _done(pairs, include_errors)
+
+    def write(self, rows: list[dict]) -> None:
+        rows = _validated(rows)
+        if not rows:
+            return
+        buf = io.BytesIO()
+        pq.write_table(_table(rows), buf)
+        key = self.prefix + _part_name()
+        try:
+            self.client.put_object(Bucket=self.bucket, Key=key, Body=buf.getvalue())
+        except (ClientError, BotoCoreError) as e:
+            raise SinkError(redact(f"s3://{self.bucket}/{key}: cannot write: {e}")) from None
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self) -> "S3ParquetSink":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+# ---------------------------------------------------------------- SQL
+
+
+_SQL_TYPES = {"string": "TEXT", "int64": "BIGINT", "double": "DOUBLE PRECISION"}
+
+
+def _column_defs(quote) -> str:
+    defs = []
+    for f in ROW_ARROW_SCHEMA:
+        sql_type = _SQL_TYPES[str(f.type)]
+        null = "" if f.nullable else " NOT NULL"
+        defs.append(f"{quote(f.name)} {sql_type}{null}" + (" PRIMARY KEY" if f.name == "id" else ""))
+    return ", ".join(defs)
+
+
+def _sqlite_quote(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+class SqliteSink:
+    """SQLite in WAL mode so readers (dashboards, resume checks) do not block the writer."""
+
+    def __init__(self, dsn: str, table: str) -> None:
+        self.dsn = dsn
+        self.table = validate_table_name(table)
+        path = _sqlite_path(dsn)
+        try:
+            if path != ":memory:":
+                Path(path).parent.mkdir(parents=True, exist_ok=True)
+            self.conn = sqlite3.connect(path, timeout=30)
+            self.conn.execute("PRAGMA journal_mode=WAL")
+            self.conn.execute("PRAGMA synchronous=NORMAL")
+            with self.conn:
+                self.conn.execute(f"CREATE TABLE IF NOT EXISTS {_sqlite_quote(table)} ({_column_defs(_sqlite_quote)})")
+        except (sqlite3.Error, OSError) as e:
+            raise SinkError(redact(f"{dsn}: cannot open SQLite database: {e}")) from None
+        cols = ", ".join(_sqlite_quote(c) for c in ROW_FIELDS)
+        marks = ", ".join("?" for _ in ROW_FIELDS)
+        updates = ", ".join(f"{_sqlite_quote(c)} = excluded.{_sqlite_quote(c)}" for c in ROW_FIELDS if c != "id")
+        self._upsert = (
+            f"INSERT INTO {_sqlite_quote(table)} ({cols}) VALUES ({marks}) ON CONFLICT(id) DO UPDATE SET {updates}"
+        )
+
+    def done_ids(self, include_errors: bool = False) -> set[str]:
+        q = f"SELECT id FROM {_sqlite_quote(self.table)}" + ("" if include_errors else " WHERE status = ?")
+        return {r[0] for r in self.conn.execute(q, () if include_errors else ("ok",))}
+
+    def write(self, rows: list[dict]) -> None:
+        rows = _validated(rows)
+        if not rows:
+            return
+        try:
+            with self.conn:
+                self.conn.executemany(self._upsert, [tuple(r[c] for c in ROW_FIELDS) for r in rows])
+        except sqlite3.Error as e:
+            raise SinkError(redact(f"{self.dsn}: cannot write to table {self.table}: {e}")) from None
+
+    def close(self) -> None:
+        self.conn.close()
+
+    def __enter__(self) -> "SqliteSink":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _sqlite_path(dsn: str) -> str:
+    """SQLAlchemy-style URLs: sqlite:///rel.db is relative, sqlite:////abs.db absolute, sqlite:// in memory."""
+    if not dsn.startswith("sqlite://"):
+        raise ValueError(f"invalid SQLite URL {redact(dsn)!r}: expected sqlite:///relative.db or sqlite:////abs/path.db")
+    rest = dsn[len("sqlite://"):]
+    if rest in ("", "/", "/:memory:"):
+        return ":memory:"
+    if not rest.startswith("/"):
+        raise ValueError(f"invalid SQLite URL {redact(dsn)!r}: expected sqlite:///relative.db or sqlite:////abs/path.db")
+    return rest[1:]
+
+
+class PostgresSink:
+    """PostgreSQL via psycopg 3; rows are upserted with a pipelined executemany in one transaction."""
+
+    def __init__(self, dsn: str, table: str) -> None:
+        import psycopg
+        from psycopg import sql
+
+        self.name = redact(dsn)
+        self.table = validate_table_name(table)
+        self._errors = psycopg.Error
+        ident = sql.Identifier(table)
+        try:
+            self.conn = psycopg.connect(dsn, connect_timeout=10)
+        except psycopg.Error as e:
+            raise SinkError(redact(f"{self.name}: cannot connect to PostgreSQL: {e}")) from None
+        columns = sql.SQL(_column_defs(lambda c: sql.Identifier(c).as_string(self.conn)))
+        cols = sql.SQL(", ").join(sql.Identifier(c) for c in ROW_FIELDS)
+        updates = sql.SQL(", ").join(
+            sql.SQL("{} = EXCLUDED.{}").format(sql.Identifier(c), sql.Identifier(c)) for c in ROW_FIELDS if c != "id"
+        )
+        self._upsert = sql.SQL("INSERT INTO {} ({}) VALUES ({}) ON CONFLICT (id) DO UPDATE SET {}").format(
+            ident, cols, sql.SQL(", ").join(sql.Placeholder() for _ in ROW_FIELDS), updates
+        )
+        self._select_all = sql.SQL("SELECT id FROM {}").format(ident)
+        self._select_ok = sql.SQL("SELECT id FROM {} WHERE status = %s").format(ident)
+        try:
+            with self.conn.transaction():
+                self.conn.execute(sql.SQL("CREATE TABLE IF NOT EXISTS {} ({})").format(ident, columns))
+        except psycopg.Error as e:
+            self.conn.close()
+            raise SinkError(redact(f"{self.name}: cannot create table {table}: {e}")) from None
+
+    def done_ids(self, include_errors: bool = False) -> set[str]:
+        try:
+            with self.conn.transaction():
+                if include_errors:
+                    cur = self.conn.execute(self._select_all)
+                else:
+                    cur = self.conn.execute(self._select_ok, ("ok",))
+                return {r[0] for r in cur}
+        except self._errors as e:
+            raise SinkError(redact(f"{self.name}: cannot read table {self.table}: {e}")) from None
+
+    def write(self, rows: list[dict]) -> None:
+        rows = _validated(rows)
+        if not rows:
+            return
+        try:
+            with self.conn.transaction(), self.conn.cursor() as cur:
+                cur.executemany(self._upsert, [tuple(r[c] for c in ROW_FIELDS) for r in rows])
+        except self._errors as e:
+            raise SinkError(redact(f"{self.name}: cannot write to table {self.table}: {e}")) from None
+
+    def close(self) -> None:
+        self.conn.close()
+
+    def __enter__(self) -> "PostgresSink":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
