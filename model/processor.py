@@ -90,6 +90,9 @@ class Processor:
         # vocab) and marks them special either way, which matters for skip_special_tokens.
         for t in (pad_token, image_token, *GROUNDING_TOKENS, *CHAT_TOKENS):
             tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False)])
+        special = {i for i, t in tokenizer.get_added_tokens_decoder().items() if t.special}
+        self._grounding_ids = {self._id(t) for t in GROUNDING_TOKENS}
+        self._special_ids = special - self._grounding_ids
         self.bos_id = self._id(bos_token)
         self.eos_id = self._id(eos_token)
         self.pad_id = self._id(pad_token)
@@ -153,10 +156,18 @@ class Processor:
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False).ids if text else []
 
-    def decode(self, ids: Sequence[int] | torch.Tensor | np.ndarray, skip_special_tokens: bool = True) -> str:
+    def decode(
+        self, ids: Sequence[int] | torch.Tensor | np.ndarray, skip_special_tokens: bool = True, keep_grounding: bool = True
+    ) -> str:
+        """Token ids -> text. The grounding tags (<|ref|>, <|det|>, ...) are special tokens, so a
+        plain skip_special_tokens decode would silently drop every box; by default they are kept
+        for parse_grounding / strip_grounding. keep_grounding=False is the reference's decode."""
         if isinstance(ids, (torch.Tensor, np.ndarray)):
             ids = ids.reshape(-1).tolist()
-        return self.tokenizer.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+        ids = [int(i) for i in ids]
+        if skip_special_tokens and keep_grounding:
+            return self.tokenizer.decode([i for i in ids if i not in self._special_ids], skip_special_tokens=False)
+        return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
 
     def format_prompt(self, conversation: Sequence[Message]) -> str:
         """The reference's `sft_format` display string (not what gets tokenized byte for byte)."""

@@ -1,6 +1,7 @@
 """Processor vs the official DeepseekVLV2Processor goldens, plus batching and config checks."""
 import io
 import json
+import pickle
 import shutil
 from pathlib import Path
 
@@ -71,9 +72,11 @@ def test_decode_matches_reference_text(processors, goldens, ckpt):
     p, z = processors[ckpt], goldens[ckpt]
     for case in CASES:
         assert p.decode(z[f"{case}__gen_tokens"], skip_special_tokens=False) == str(z[f"{case}__gen_text"])
-    ids = p.encode("<|ref|>cat<|/ref|> hi")
-    assert p.decode(ids) == "cat hi"
-    assert p.decode(torch.tensor([p.bos_id, *ids, p.eos_id]), skip_special_tokens=False).startswith("<｜begin▁of▁sentence｜><|ref|>")
+    text = "<|ref|>cat<|/ref|><|det|>[[1,20,300,999]]<|/det|> hi"
+    ids = [p.bos_id, *p.encode(text), p.eos_id, p.pad_id, p.image_token_id]
+    assert p.decode(ids) == text  # grounding tags survive for parse_grounding
+    assert p.decode(torch.tensor(ids), keep_grounding=False) == "cat[[1,20,300,999]] hi"  # the reference's decode
+    assert p.decode(np.array(ids), skip_special_tokens=False).startswith("<｜begin▁of▁sentence｜><|ref|>cat")
 
 
 def test_batch_equals_singles_after_unpadding(processors, goldens):
@@ -155,6 +158,15 @@ def test_numpy_roundtrip_and_to(processors, goldens):
     assert isinstance(batch, BatchInputs)
     assert batch.images.dtype == torch.bfloat16 and batch.input_ids.dtype == torch.long
     assert batch.attention_mask.dtype == torch.bool
+
+
+def test_processor_pickles(processors):
+    """Ray ships the processor to CPU workers by pickling it."""
+    p = processors["small_mla-seed1"]
+    q = pickle.loads(pickle.dumps(p))
+    conv = [{"role": "<|User|>", "content": "<|grounding|>Find <|ref|>it<|/ref|>."}]
+    assert torch.equal(q.prepare(conv).input_ids, p.prepare(conv).input_ids)
+    assert q.decode(q.encode("<|det|>[[1,2,3,4]]<|/det|>")) == "<|det|>[[1,2,3,4]]<|/det|>"
 
 
 def _copy_ckpt(src: Path, dst: Path, **config_overrides) -> Path:
