@@ -1,0 +1,185 @@
+"""The job configuration: one flat pydantic model, loaded from YAML and overridden by CLI flags.
+
+Flat on purpose: every field is one CLI flag and one YAML key, so a typo in either is an error
+that names the field instead of a silently ignored setting.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+
+JobName = Literal["digitize", "catalog"]
+
+DEFAULT_PROMPTS: dict[str, str] = {
+    "digitize": "<image>\n<|grounding|>Convert the document to markdown.",
+    "catalog": "<image>\n<|grounding|>Describe the items in this photo and read any label text.",
+}
+
+
+class ConfigError(ValueError):
+    """A bad configuration; the message names the offending field(s)."""
+
+
+class JobConfig(BaseModel):
+    """Everything a job run needs. Descriptions double as `--help` text."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    # --- what to run on, where to write -----------------------------------------------------
+    job: JobName = Field("digitize", description="Which job: digitize (document -> markdown) or catalog (photo -> items).")
+    input: str = Field(..., description="Source: local folder (recursive), glob, s3://bucket/prefix, or a Parquet table (local or s3://) of image bytes or URIs.")
+    output: str = Field(..., description="Sink: a directory (Parquet, local or s3://), sqlite:///path.db, or postgresql://... DSN.")
+    table: str = Field("pagemill_rows", description="Table name for SQLite/PostgreSQL sinks (letters, digits, underscore).")
+    summary_path: str | None = Field(None, description="Where to write the run summary JSON; default beside the output (Parquet dir: summary.json inside; SQLite: <db>.summary.json; otherwise ./<table>.summary.json).")
+    limit: int | None = Field(None, gt=0, description="Process at most this many inputs (files / Parquet rows) from the source listing.")
+
+    # --- model ------------------------------------------------------------------------------
+    model: str = Field(..., description="Checkpoint: local dir, s3:// URL, Hugging Face hub id, or 'smoke' (a random mini checkpoint; outputs are meaningless).")
+    model_revision: str | None = Field(None, description="Recorded in every row; default: a fingerprint of the checkpoint's config and weight index.")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Device for model actors; auto = cuda when the actor sees a GPU, else cpu.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="Model dtype; auto = bfloat16 on cuda, float32 on cpu.")
+    prompt: str | None = Field(None, description="User prompt; must contain exactly one <image>. Default depends on the job.")
+    max_new_tokens: int = Field(1024, gt=0, le=8192, description="Maximum generated tokens per item.")
+    temperature: float = Field(0.0, ge=0.0, le=5.0, description="Sampling temperature; 0 = greedy.")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling mass (used when temperature > 0).")
+    repetition_penalty: float = Field(1.0, gt=0.0, le=5.0, description="Repetition penalty (1.0 = none).")
+    seed: int | None = Field(0, description="Sampling seed (per batch); null for nondeterministic sampling.")
+
+    # --- Ray: batch and pool sizes ------------------------------------------------------------
+    ray_address: str | None = Field(None, description="Ray cluster address; default: the RAY_ADDRESS of `ray job submit`, else a local Ray.")
+    cpu_batch_size: int = Field(4, gt=0, description="Inputs per preprocessing batch (CPU actors).")
+    model_batch_size: int = Field(4, gt=0, description="Items per generate() call on a model actor.")
+    num_cpu_workers: int = Field(1, gt=0, description="Preprocessing (decode, rasterize, tile) actors.")
+    cpus_per_cpu_worker: float = Field(1.0, gt=0, description="CPUs reserved by each preprocessing actor.")
+    num_model_workers_min: int = Field(1, gt=0, description="Minimum model actors.")
+    num_model_workers_max: int = Field(1, gt=0, description="Maximum model actors (the pool autoscales between min and max).")
+    cpus_per_model_worker: float = Field(1.0, gt=0, description="CPUs reserved by each model actor.")
+    gpus_per_worker: float | None = Field(None, ge=0, description="GPUs per model actor; default 1 when the cluster has GPUs, else 0 (model on CPU).")
+    model_threads: int | None = Field(None, gt=0, description="torch threads in a CPU model actor; default: its CPU reservation, at least 1.")
+    max_actor_restarts: int = Field(3, ge=-1, description="Restarts of a crashed actor (its batch is retried on the replacement); -1 = unlimited.")
+
+    # --- decode limits ------------------------------------------------------------------------
+    max_pixels: int = Field(40_000_000, gt=0, description="Refuse images with more pixels than this (decompression bombs).")
+    max_bytes: int = Field(256 * 1024 * 1024, gt=0, description="Refuse inputs larger than this many bytes.")
+    max_pdf_pages: int = Field(1000, gt=0, description="Refuse PDFs with more pages than this.")
+    pdf_longest_side: int = Field(1288, ge=64, le=8192, description="Rasterize PDF pages so that their longest side has this many pixels.")
+    page_range: str | None = Field(None, description="PDF pages to process, 1-based, e.g. '1-3,7,10-'; default all.")
+
+    # --- sources ------------------------------------------------------------------------------
+    id_column: str | None = Field(None, description="Parquet sources: column whose value is stored as the row's source name.")
+    bytes_column: str | None = Field(None, description="Parquet sources: column holding image/PDF bytes.")
+    uri_column: str | None = Field(None, description="Parquet sources: column holding URIs/paths.")
+    s3_endpoint_url: str | None = Field(None, description="S3 endpoint (MinIO, moto...); default AWS or AWS_ENDPOINT_URL.")
+    s3_region: str | None = Field(None, description="S3 region; default from the AWS environment.")
+    aws_access_key_id: SecretStr | None = Field(None, description="S3 access key id; prefer the standard AWS chain (env, profile, role).")
+    aws_secret_access_key: SecretStr | None = Field(None, description="S3 secret key; prefer the standard AWS chain.")
+
+    # --- resume and outputs -------------------------------------------------------------------
+    retry_errors: bool = Field(False, description="On resume, reprocess items whose stored row has status error.")
+    contact_sheet: bool = Field(True, description="catalog: write an HTML contact sheet beside the output.")
+    contact_sheet_max: int = Field(500, ge=0, description="catalog: at most this many thumbnails on the contact sheet.")
+
+    @field_validator("table")
+    @classmethod
+    def _table_name(cls, v: str) -> str:
+        import re
+
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]{0,62}", v):
+            raise ValueError("must be letters, digits and underscores, starting with a letter or underscore")
+        return v
+
+    @field_validator("page_range")
+    @classmethod
+    def _page_range(cls, v: str | None) -> str | None:
+        if v is None or not v.strip():
+            return None
+        from connectors.decode import parse_page_range
+
+        parse_page_range(v)
+        return v
+
+    @field_validator("input", "output", "model")
+    @classmethod
+    def _non_empty(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("must not be empty")
+        return v.strip()
+
+    @model_validator(mode="after")
+    def _check(self) -> "JobConfig":
+        if self.num_model_workers_max < self.num_model_workers_min:
+            raise ValueError("num_model_workers_max must be >= num_model_workers_min")
+        if self.prompt is not None and self.prompt.count("<image>") != 1:
+            raise ValueError("prompt must contain exactly one <image> placeholder")
+        return self
+
+    # ------------------------------------------------------------------------------------------
+
+    @property
+    def effective_prompt(self) -> str:
+        return self.prompt if self.prompt is not None else DEFAULT_PROMPTS[self.job]
+
+    def config_hash(self) -> str:
+        """Hash of the fields that change what a row contains, so rows from different settings can be told apart."""
+        keys = (
+            "job", "model", "model_revision", "dtype", "max_new_tokens", "temperature", "top_p",
+            "repetition_penalty", "seed", "pdf_longest_side", "max_pixels",
+        )
+        payload = {k: getattr(self, k) for k in keys} | {"prompt": self.effective_prompt}
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+    def public_dict(self) -> dict[str, Any]:
+        """The config without secrets, with output/input redacted: safe for logs and summaries."""
+        from connectors.redact import redact
+
+        d = self.model_dump(mode="json", exclude={"aws_access_key_id", "aws_secret_access_key"})
+        for k in ("input", "output", "model", "s3_endpoint_url", "ray_address"):
+            if d.get(k):
+                d[k] = redact(d[k])
+        return d
+
+
+def _describe(e: ValidationError, origin: str) -> str:
+    lines = []
+    for err in e.errors():
+        field = ".".join(str(p) for p in err["loc"]) or "(config)"
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown option (check the spelling; see --help)"
+        elif err["type"] == "missing":
+            msg = "required (set it in the config file or with a flag)"
+        # never echo the input value: it may be a secret
+        lines.append(f"  {field}: {msg}")
+    return f"invalid configuration{origin}:\n" + "\n".join(lines)
+
+
+def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None) -> JobConfig:
+    """YAML file (optional) + overrides (CLI flags; None values mean "not given") -> validated JobConfig."""
+    data: dict[str, Any] = {}
+    origin = ""
+    if path is not None:
+        origin = f" (from {path} and flags)"
+        try:
+            text = Path(path).read_text()
+        except OSError as e:
+            raise ConfigError(f"cannot read config file {path}: {e.strerror or e}") from None
+        try:
+            loaded = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {path} must be a mapping of option: value")
+        data.update(loaded)
+    data.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    try:
+        return JobConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_describe(e, origin)) from None

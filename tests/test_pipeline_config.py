@@ -1,0 +1,74 @@
+"""JobConfig: YAML + flag merging, errors that name the field, stable hashes, no secrets leaking."""
+
+from pathlib import Path
+
+import pytest
+
+from pipeline.config import ConfigError, JobConfig, load_config
+
+BASE = {"input": "samples", "output": "sqlite:///out/x.db", "model": "smoke"}
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / "c.yaml"
+    p.write_text(text)
+    return p
+
+
+def test_yaml_then_overrides(tmp_path):
+    p = write(tmp_path, "input: a\noutput: out/dir\nmodel: m\nmax_new_tokens: 7\ncpu_batch_size: 3\n")
+    c = load_config(p, {"max_new_tokens": 9, "limit": None})
+    assert c.max_new_tokens == 9 and c.cpu_batch_size == 3 and c.limit is None
+
+
+@pytest.mark.parametrize("text,field", [
+    ("max_new_tokens: 0", "max_new_tokens"),
+    ("max_new_tokns: 5", "max_new_tokns"),
+    ("table: 'rows; drop table x'", "table"),
+    ("page_range: 'x-y'", "page_range"),
+    ("device: tpu", "device"),
+    ("num_model_workers_min: 3\nnum_model_workers_max: 2", "num_model_workers_max"),
+    ("prompt: 'no image here'", "prompt"),
+])
+def test_bad_config_names_field(tmp_path, text, field):
+    p = write(tmp_path, "input: a\noutput: b\nmodel: m\n" + text + "\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(p)
+    assert field in str(e.value)
+
+
+def test_missing_required_and_bad_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="model"):
+        load_config(write(tmp_path, "input: a\noutput: b\n"))
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(write(tmp_path, "input: [a\n"))
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(write(tmp_path, "- a\n- b\n"))
+
+
+def test_config_hash_tracks_output_fields_only():
+    a = JobConfig(**BASE)
+    assert a.config_hash() == JobConfig(**BASE).config_hash()
+    assert a.config_hash() == JobConfig(**BASE | {"output": "other"}, cpu_batch_size=9, limit=3).config_hash()
+    assert a.config_hash() != JobConfig(**BASE, max_new_tokens=5).config_hash()
+    assert a.config_hash() != JobConfig(**BASE, job="catalog").config_hash()
+    assert a.config_hash() != JobConfig(**BASE, prompt="<image>\nOCR.").config_hash()
+
+
+def test_secrets_never_in_reprs_or_errors(tmp_path):
+    secret = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"
+    c = JobConfig(**BASE | {"output": "postgresql://u:hunter2@127.0.0.1/test"}, aws_secret_access_key=secret)
+    for text in (repr(c), str(c.public_dict())):
+        assert secret not in text
+    assert "hunter2" not in str(c.public_dict())
+    p = write(tmp_path, f"input: a\noutput: b\nmodel: m\naws_secret_access_key: 5\nmax_new_tokens: '{secret}'\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(p)
+    assert secret not in str(e.value) and "max_new_tokens" in str(e.value)
+
+
+def test_shipped_configs_are_valid():
+    root = Path(__file__).resolve().parents[1] / "configs"
+    for job in ("digitize", "catalog"):
+        c = load_config(root / f"{job}.yaml", {"input": "samples", "model": "smoke", "job": job})
+        assert c.output.startswith("sqlite:///") and "<image>" in c.effective_prompt
