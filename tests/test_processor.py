@@ -184,3 +184,21 @@ def test_rejects_unsupported_layout(fixtures_dir, tmp_path, key, value):
     d = _copy_ckpt(fixtures_dir / "tiny_mha-seed1", tmp_path / "ck", **{key: value})
     with pytest.raises(ValueError, match=f"{key}='{value}'"):
         Processor.from_pretrained(d)
+
+
+def test_images_across_turns(processors):
+    """Images are consumed in order over all user turns; the tiling decision counts them all."""
+    p = processors["tiny_mha-seed1"]
+    a, b, c = Image.new("RGB", (768, 384)), Image.new("RGB", (384, 768)), Image.new("RGB", (384, 384))
+    two = [
+        {"role": "<|User|>", "content": "<image> first"},
+        {"role": "<|Assistant|>", "content": "ok"},
+        {"role": "<|User|>", "content": "<image> second"},
+        {"role": "<|Assistant|>", "content": ""},
+    ]
+    assert p.prepare(two, [a, b]).images_spatial_crop.tolist() == [[2, 1], [1, 2]]
+    three = two[:2] + [{"role": "<|User|>", "content": "<image><image> more"}, two[3]]
+    prep = p.prepare(three, [a, b, c])
+    assert prep.images_spatial_crop.tolist() == [[1, 1]] * 3
+    ids = prep.input_ids.tolist()
+    assert ids.count(p.eos_id) == 1 and ids[ids.index(p.eos_id) - len(p.encode("ok")) : ids.index(p.eos_id)] == p.encode("ok")
