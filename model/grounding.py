@@ -72,8 +72,8 @@ def parse_grounding(text: str, width: float, height: float) -> list[dict[str, An
             elif kind == "det" and det_start is not None:
                 boxes += _boxes(text[det_start : m.start()], det_label, w, h)
                 det_start = None
-        if det_start is not None:
-            boxes += _boxes(text[det_start:], det_label, w, h)
+        if det_start is not None:  # never closed: read only the coordinate-looking prefix
+            boxes += _boxes(text[det_start : _COORDS.match(text, det_start).end()], det_label, w, h)
         return boxes
     except Exception:  # never let one bad generation take down a batch
         return []

@@ -44,6 +44,7 @@ def test_no_grounding():
         ("<|ref|>a<|/ref|><|det|>[1, 2, 3, 4]<|/det|>", [("a", [1, 4, 3, 8])]),
         # missing <|/det|> (generation hit the token limit)
         ("<|ref|>a<|/ref|><|det|>[[1,2,3,4],[5,6,7,8],[9,9", [("a", [1, 4, 3, 8]), ("a", [5, 12, 7, 16])]),
+        ("<|det|>[[1,2,3,4]] and 5 6 7 8 apples", [("", [1, 4, 3, 8])]),
         ("<|ref|>a<|/ref|><|det|>[[1,2,3,4]<|ref|>b<|/ref|><|det|>[[5,6,7,8]]<|/det|>", [("a", [1, 4, 3, 8]), ("b", [5, 12, 7, 16])]),
         # det without ref, unterminated ref, second det without its own ref
         ("<|det|>[[1,2,3,4]]<|/det|>", [("", [1, 4, 3, 8])]),
