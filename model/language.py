@@ -1,0 +1,370 @@
+"""DeepSeekMoE decoder (DeepseekV2ForCausalLM as DeepSeek-VL2 uses it).
+
+Module names mirror the checkpoint's `language.*` keys, except that routed experts are stacked
+into `[num_experts, out, in]` tensors (gpt-fast style): grouping tokens by expert and sharding
+experts across devices then become slicing. The loader maps `experts.{e}.*` onto them.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import LanguageConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# rotary embeddings
+
+
+def _yarn_mscale(scale: float, mscale: float) -> float:
+    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+
+class Rotary(nn.Module):
+    """cos/sin tables computed on the fly from position ids (float32, like the reference)."""
+
+    def __init__(self, dim: int, theta: float, scaling: dict | None = None):
+        super().__init__()
+        inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float32, device="cpu") / dim))
+        self.mscale = 1.0
+        if scaling is not None:  # yarn, as DeepseekV2YarnRotaryEmbedding
+            factor = scaling["factor"]
+            orig = scaling.get("original_max_position_embeddings", 4096)
+            beta_fast, beta_slow = scaling.get("beta_fast", 32), scaling.get("beta_slow", 1)
+
+            def corr(rot: float) -> float:
+                return dim * math.log(orig / (rot * 2 * math.pi)) / (2 * math.log(theta))
+
+            low, high = max(math.floor(corr(beta_fast)), 0), min(math.ceil(corr(beta_slow)), dim - 1)
+            if low == high:
+                high += 0.001
+            ramp = ((torch.arange(dim // 2, dtype=torch.float32, device="cpu") - low) / (high - low)).clamp(0, 1)
+            extra_mask = 1.0 - ramp
+            inv_freq = (inv_freq / factor) * (1 - extra_mask) + inv_freq * extra_mask
+            self.mscale = _yarn_mscale(factor, scaling.get("mscale", 1)) / _yarn_mscale(
+                factor, scaling.get("mscale_all_dim", 0)
+            )
+        # a plain float32 attribute, not a buffer: it must survive meta-device construction and
+        # casting the model to bfloat16 untouched
+        self.inv_freq = inv_freq
+        self._on: dict[torch.device, torch.Tensor] = {}
+
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        inv = self._on.get(positions.device)
+        if inv is None:
+            inv = self._on[positions.device] = self.inv_freq.to(positions.device)
+        freqs = positions.float()[..., None] * inv
+        emb = torch.cat((freqs, freqs), dim=-1)  # [B, q, dim]
+        cos, sin = emb.cos() * self.mscale, emb.sin() * self.mscale
+        return cos.to(dtype)[:, None], sin.to(dtype)[:, None]  # [B, 1, q, dim]
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> torch.Tensor:
+    """NeoX rotate-half; `interleaved` first regroups (x0,x1),(x2,x3)… pairs into halves, as MLA does."""
+    if interleaved:
+        b, h, s, d = x.shape
+        x = x.view(b, h, s, d // 2, 2).transpose(4, 3).reshape(b, h, s, d)
+    return x * cos + _rotate_half(x) * sin
+
+
+# ---------------------------------------------------------------------------------------------
+# attention
+
+
+@dataclass
+class LayerCache:
+    """Preallocated per-layer cache; MHA keeps (k, v), MLA keeps (latent, k_pe)."""
+
+    a: torch.Tensor
+    b: torch.Tensor
+
+
+def _attend(q, k, v, mask, scale):
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+
+
+class MHAttention(nn.Module):
+    """LlamaAttention as the tiny model uses it: head_dim = hidden / heads, NeoX RoPE."""
+
+    def __init__(self, cfg: LanguageConfig):
+        super().__init__()
+        self.heads, self.kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        bias = cfg.attention_bias
+        self.q_proj = nn.Linear(cfg.hidden_size, self.heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.kv_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.kv_heads * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.heads * self.head_dim, cfg.hidden_size, bias=bias)
+        self.rotary = Rotary(self.head_dim, cfg.rope_theta)
+
+    def new_cache(self, batch: int, length: int, device, dtype) -> LayerCache:
+        shape = (batch, self.kv_heads, length, self.head_dim)
+        return LayerCache(torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype))
+
+    def forward(self, x, positions, mask, cache: LayerCache | None, start: int):
+        b, q_len, _ = x.shape
+        q = self.q_proj(x).view(b, q_len, self.heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(b, q_len, self.kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(b, q_len, self.kv_heads, self.head_dim).transpose(1, 2)
+        cos, sin = self.rotary(positions, q.dtype)
+        q, k = apply_rope(q, cos, sin, False), apply_rope(k, cos, sin, False)
+        if cache is not None:
+            cache.a[:, :, start : start + q_len] = k
+            cache.b[:, :, start : start + q_len] = v
+            k, v = cache.a[:, :, : start + q_len], cache.b[:, :, : start + q_len]
+        if self.kv_heads != self.heads:
+            k = k.repeat_interleave(self.heads // self.kv_heads, dim=1)
+            v = v.repeat_interleave(self.heads // self.kv_heads, dim=1)
+        y = _attend(q, k, v, mask, self.head_dim**-0.5)
+        return self.o_proj(y.transpose(1, 2).reshape(b, q_len, -1))
+
+
+class MLAttention(nn.Module):
+    """Multi-head latent attention. The cache holds the normalised latent and the shared rope key;
+    kv_b_proj is absorbed into the query and the output, as in the reference's eager path."""
+
+    def __init__(self, cfg: LanguageConfig):
+        super().__init__()
+        self.heads = cfg.num_attention_heads
+        self.nope, self.rope, self.v_dim = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
+        self.rank = cfg.kv_lora_rank
+        q_out = self.heads * (self.nope + self.rope)
+        if cfg.q_lora_rank is None:
+            self.q_proj = nn.Linear(cfg.hidden_size, q_out, bias=False)
+        else:
+            self.q_a_proj = nn.Linear(cfg.hidden_size, cfg.q_lora_rank, bias=cfg.attention_bias)
+            self.q_a_layernorm = RMSNorm(cfg.q_lora_rank)
+            self.q_b_proj = nn.Linear(cfg.q_lora_rank, q_out, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(cfg.hidden_size, self.rank + self.rope, bias=cfg.attention_bias)
+        self.kv_a_layernorm = RMSNorm(self.rank)
+        self.kv_b_proj = nn.Linear(self.rank, self.heads * (self.nope + self.v_dim), bias=False)
+        self.o_proj = nn.Linear(self.heads * self.v_dim, cfg.hidden_size, bias=cfg.attention_bias)
+        self.rotary = Rotary(self.rope, cfg.rope_theta, cfg.rope_scaling)
+        self.scale = (self.nope + self.rope) ** -0.5
+        if cfg.rope_scaling is not None and cfg.rope_scaling.get("mscale_all_dim", 0):
+            m = _yarn_mscale(cfg.rope_scaling["factor"], cfg.rope_scaling["mscale_all_dim"])
+            self.scale *= m * m
+
+    def new_cache(self, batch: int, length: int, device, dtype) -> LayerCache:
+        return LayerCache(
+            torch.zeros(batch, length, self.rank, device=device, dtype=dtype),
+            torch.zeros(batch, length, self.rope, device=device, dtype=dtype),
+        )
+
+    def forward(self, x, positions, mask, cache: LayerCache | None, start: int):
+        b, q_len, _ = x.shape
+        if hasattr(self, "q_proj"):
+            q = self.q_proj(x)
+        else:
+            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        q = q.view(b, q_len, self.heads, self.nope + self.rope).transpose(1, 2)
+        q_nope, q_pe = q.split([self.nope, self.rope], dim=-1)
+        latent, k_pe = self.kv_a_proj_with_mqa(x).split([self.rank, self.rope], dim=-1)
+        latent = self.kv_a_layernorm(latent)
+        cos, sin = self.rotary(positions, q.dtype)
+        q_pe = apply_rope(q_pe, cos, sin, True)
+        k_pe = apply_rope(k_pe[:, None], cos, sin, True)[:, 0]
+        if cache is not None:
+            cache.a[:, start : start + q_len] = latent
+            cache.b[:, start : start + q_len] = k_pe
+            latent, k_pe = cache.a[:, : start + q_len], cache.b[:, : start + q_len]
+        w = self.kv_b_proj.weight.view(self.heads, self.nope + self.v_dim, self.rank)
+        q_lat = q_nope @ w[:, : self.nope]  # [B,H,q,rank]
+        k = torch.cat([latent, k_pe], dim=-1)[:, None].expand(b, self.heads, -1, -1)
+        v = latent[:, None].expand(b, self.heads, -1, -1)
+        y = _attend(torch.cat([q_lat, q_pe], dim=-1), k, v, mask, self.scale)  # [B,H,q,rank]
+        y = y @ w[:, self.nope :].transpose(1, 2)  # [B,H,q,v_dim]
+        return self.o_proj(y.transpose(1, 2).reshape(b, q_len, -1))
+
+
+# ---------------------------------------------------------------------------------------------
+# feed-forward
+
+
+class MLP(nn.Module):
+    def __init__(self, hidden: int, inner: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, inner, bias=False)
+        self.up_proj = nn.Linear(hidden, inner, bias=False)
+        self.down_proj = nn.Linear(inner, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Gate(nn.Module):
+    """Router; scores in float32 as the reference computes them."""
+
+    def __init__(self, cfg: LanguageConfig):
+        super().__init__()
+        self.top_k, self.method, self.scoring = cfg.num_experts_per_tok, cfg.topk_method, cfg.scoring_func
+        self.n_group, self.topk_group = cfg.n_group or 1, cfg.topk_group or 1
+        self.norm, self.scaling = cfg.norm_topk_prob, cfg.routed_scaling_factor
+        self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.hidden_size))
+        if self.method == "noaux_tc":
+            self.e_score_correction_bias = nn.Parameter(torch.zeros(cfg.n_routed_experts))
+
+    def _group_mask(self, scores: torch.Tensor, group_scores: torch.Tensor) -> torch.Tensor:
+        n = scores.shape[0]
+        idx = group_scores.topk(self.topk_group, dim=-1, sorted=False).indices
+        mask = torch.zeros_like(group_scores).scatter_(1, idx, 1.0).bool()
+        return mask[:, :, None].expand(n, self.n_group, scores.shape[1] // self.n_group).reshape(n, -1)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = F.linear(x.float(), self.weight.float())
+        scores = logits.softmax(-1) if self.scoring == "softmax" else logits.sigmoid()
+        if self.method == "greedy":
+            weight, idx = scores.topk(self.top_k, dim=-1, sorted=False)
+        elif self.method == "group_limited_greedy":
+            groups = scores.view(scores.shape[0], self.n_group, -1).amax(-1)
+            masked = scores.masked_fill(~self._group_mask(scores, groups), 0.0)
+            weight, idx = masked.topk(self.top_k, dim=-1, sorted=False)
+        else:  # noaux_tc: choose by biased scores, weigh by unbiased ones
+            choice = scores + self.e_score_correction_bias.float()[None]
+            groups = choice.view(scores.shape[0], self.n_group, -1).topk(2, dim=-1).values.sum(-1)
+            masked = choice.masked_fill(~self._group_mask(scores, groups), 0.0)
+            idx = masked.topk(self.top_k, dim=-1, sorted=False).indices
+            weight = scores.gather(1, idx)
+        if self.top_k > 1 and self.norm:
+            weight = weight / (weight.sum(-1, keepdim=True) + 1e-20)
+        return idx, weight * self.scaling
+
+
+class Experts(nn.Module):
+    """Routed experts stacked as [E, out, in]; `first` is the global index of expert 0 here, so a
+    shard holding experts [first, first+E) runs unchanged under expert parallelism."""
+
+    def __init__(self, num: int, hidden: int, inner: int, first: int = 0):
+        super().__init__()
+        self.first = first
+        self.gate_proj = nn.Parameter(torch.empty(num, inner, hidden))
+        self.up_proj = nn.Parameter(torch.empty(num, inner, hidden))
+        self.down_proj = nn.Parameter(torch.empty(num, hidden, inner))
+
+    def forward(self, x: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """x [N,H], idx/weight [N,K] -> weighted sum [N,H] (float32 accumulation like the reference)."""
+        n, k = idx.shape
+        flat = idx.flatten() - self.first
+        order = flat.argsort()
+        counts = torch.bincount(flat.clamp(0, self.gate_proj.shape[0] - 1), minlength=self.gate_proj.shape[0])
+        tokens = x[order // k]
+        out = torch.zeros_like(tokens)
+        start = 0
+        for e, c in enumerate(counts.tolist()):
+            if c:
+                t = tokens[start : start + c]
+                h = F.silu(t @ self.gate_proj[e].T) * (t @ self.up_proj[e].T)
+                out[start : start + c] = h @ self.down_proj[e].T
+                start += c
+        y = torch.empty_like(out)
+        y[order] = out
+        return (y.view(n, k, -1).float() * weight[..., None]).sum(1).to(x.dtype)
+
+
+class MoE(nn.Module):
+    def __init__(self, cfg: LanguageConfig):
+        super().__init__()
+        self.gate = Gate(cfg)
+        self.experts = Experts(cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size)
+        self.shared_experts = (
+            MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts) if cfg.n_shared_experts else None
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        flat = x.reshape(-1, shape[-1])
+        idx, weight = self.gate(flat)
+        y = self.experts(flat, idx, weight).view(shape)
+        return y + self.shared_experts(x) if self.shared_experts is not None else y
+
+
+# ---------------------------------------------------------------------------------------------
+# decoder
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: LanguageConfig, i: int):
+        super().__init__()
+        self.self_attn = MLAttention(cfg) if cfg.use_mla else MHAttention(cfg)
+        self.mlp = MoE(cfg) if cfg.is_moe_layer(i) else MLP(cfg.hidden_size, cfg.intermediate_size)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, x, positions, mask, cache, start):
+        x = x + self.self_attn(self.input_layernorm(x), positions, mask, cache, start)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class DecoderStack(nn.Module):
+    """`language.model.*`"""
+
+    def __init__(self, cfg: LanguageConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class LanguageModel(nn.Module):
+    """`language.*`: the decoder stack and an untied lm_head."""
+
+    def __init__(self, cfg: LanguageConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.model = DecoderStack(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.caches: list[LayerCache] | None = None
+
+    def setup_cache(self, batch: int, length: int) -> None:
+        p = self.lm_head.weight
+        self.caches = [layer.self_attn.new_cache(batch, length, p.device, p.dtype) for layer in self.model.layers]
+
+    def clear_cache(self) -> None:
+        self.caches = None
+
+    def forward(
+        self,
+        embeds: torch.Tensor,
+        positions: torch.Tensor,
+        key_valid: torch.Tensor,
+        start: int = 0,
+        last_only: bool = False,
+    ) -> torch.Tensor:
+        """embeds [B,q,H] at cache slots [start, start+q); key_valid [B, start+q] marks real tokens.
+
+        Causality is in slot order (sequences are left-padded); a padded query may attend to itself
+        only, which keeps its row finite without touching real tokens.
+        """
+        q_len = embeds.shape[1]
+        kv_len = start + q_len
+        q_slot = torch.arange(start, kv_len, device=embeds.device)[:, None]
+        k_slot = torch.arange(kv_len, device=embeds.device)[None, :]
+        mask = (k_slot <= q_slot)[None] & (key_valid[:, None, :] | (k_slot == q_slot)[None])
+        mask = mask[:, None]  # [B,1,q,kv]
+        x = embeds
+        for i, layer in enumerate(self.model.layers):
+            x = layer(x, positions, mask, self.caches[i] if self.caches is not None else None, start)
+        if last_only:
+            x = x[:, -1:]
+        return self.lm_head(self.model.norm(x)).float()
