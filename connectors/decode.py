@@ -47,6 +47,9 @@ class DecodeLimits(BaseModel):
     max_pdf_pages: int = Field(default=1000, gt=0)
     pdf_longest_side: int = Field(default=1288, gt=0)
     page_range: str | None = None
+    # Pillow formats we open. EPS/PS (would run Ghostscript on untrusted data) and other exotic
+    # plugins are left out on purpose.
+    image_formats: tuple[str, ...] = ("JPEG", "PNG", "WEBP", "TIFF", "BMP", "GIF", "JPEG2000", "AVIF", "PPM", "TGA", "ICO")
 
     @field_validator("page_range")
     @classmethod
@@ -124,12 +127,18 @@ def _error(source: str, reason: str, t0: float, page: int | None = None) -> Deco
 # ---------------------------------------------------------------- images
 
 
+def _available(formats: tuple[str, ...]) -> tuple[str, ...]:
+    """The configured formats this Pillow build can open (JPEG2000/AVIF depend on optional libraries)."""
+    Image.init()
+    return tuple(f for f in (f.upper() for f in formats) if f in Image.OPEN)
+
+
 def _decode_image(source: str, data: bytes, limits: DecodeLimits, t0: float) -> DecodedPage:
     try:
         with warnings.catch_warnings():
             # We enforce our own max_pixels below; Pillow's warning would only be noise.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
+            img = Image.open(io.BytesIO(data), formats=_available(limits.image_formats))
             w, h = img.size  # from the header, before any pixel is decoded
             if w * h > limits.max_pixels:
                 return _error(source, f"image too large ({w}x{h} = {w * h} pixels > max_pixels={limits.max_pixels})", t0)
@@ -185,6 +194,7 @@ def to_rgb(img: Image.Image) -> Image.Image:
 def _expand_pdf(source: str, data: bytes, limits: DecodeLimits, t0: float) -> Iterator[DecodedPage]:
     try:
         pdf = pdfium.PdfDocument(data)
+        pdf.init_forms()  # so filled-in form fields are rendered, as a viewer shows them
     except pdfium.PdfiumError as e:
         if getattr(e, "err_code", None) == pdfium_c.FPDF_ERR_PASSWORD:
             yield _error(source, "PDF is encrypted (password required)", t0)

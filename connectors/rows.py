@@ -1,10 +1,11 @@
 """The one output row schema shared by every sink (see docs/interfaces.md)."""
 
+import math
 from datetime import datetime, timezone
 from typing import Literal
 
 import pyarrow as pa
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 def utc_now_iso() -> str:
@@ -36,6 +37,14 @@ class OutputRow(BaseModel):
     prompt_tokens: int | None = None
     generated_tokens: int | None = None
     created_at: str = Field(default_factory=lambda: utc_now_iso())
+
+    @model_validator(mode="before")
+    @classmethod
+    def _nan_is_missing(cls, data: object) -> object:
+        # Pandas-format Ray batches turn a missing page/timing into NaN; the row means None.
+        if isinstance(data, dict):
+            return {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in data.items()}
+        return data
 
     @field_validator("created_at", mode="before")
     @classmethod

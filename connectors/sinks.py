@@ -231,7 +231,9 @@ class SqliteSink:
         try:
             if path != ":memory:":
                 Path(path).parent.mkdir(parents=True, exist_ok=True)
-            self.conn = sqlite3.connect(path, timeout=30)
+            # check_same_thread off: the driver may open the sink in one thread and write from another
+            # (never concurrently).
+            self.conn = sqlite3.connect(path, timeout=30, check_same_thread=False)
             self.conn.execute("PRAGMA journal_mode=WAL")
             self.conn.execute("PRAGMA synchronous=NORMAL")
             with self.conn:

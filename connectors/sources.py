@@ -16,7 +16,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from botocore.exceptions import BotoCoreError, ClientError
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 
 from connectors.errors import InputError
 from connectors.redact import redact
@@ -40,9 +40,22 @@ class SourceOptions(S3Options):
     s3_page_size: int = Field(default=1000, ge=1, le=1000)  # MaxKeys per list_objects_v2 call
     parquet_batch_rows: int = Field(default=16, ge=1)  # rows of image bytes held in memory at once
 
+    @field_validator("extensions", mode="before")
+    @classmethod
+    def _dotted_lower(cls, v: object) -> object:
+        if isinstance(v, str):
+            v = v.split(",")
+        if isinstance(v, (list, tuple)):
+            return tuple("." + str(e).strip().lower().lstrip(".") for e in v if str(e).strip())
+        return v
+
 
 class InputRef(BaseModel):
-    """One input file or Parquet row. Dict-like (`ref["source"]`, `dict(ref)`) for Ray batches."""
+    """One input file or Parquet row. Dict-like (`ref["source"]`, `dict(ref)`) for Ray batches.
+
+    `data` is set only for Parquet tables of bytes (then `source` is the row's path/URI column or
+    `<table>#row=N`, which `read_bytes` cannot read); otherwise read `source` with `read_bytes`.
+    """
 
     source: str
     data: bytes | None = None
@@ -201,9 +214,9 @@ def _read_table(path: str, fs: pafs.FileSystem, url: str, opts: SourceOptions) -
                 key = None if key is None else str(key)
                 uri = d[ucol][i] if ucol else None
                 if bcol:
-                    data = d[bcol][i]
+                    data = d[bcol][i] or b""  # a null cell decodes as an empty file: an error row, not a crash
                     yield InputRef(
-                        source=uri or f"{url}#row={row}", data=data, size=None if data is None else len(data), key=key
+                        source=uri or f"{url}#row={row}", data=data, size=len(data), key=key
                     )
                 elif uri:
                     yield InputRef(source=uri, key=key)

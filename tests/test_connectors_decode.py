@@ -255,3 +255,17 @@ def test_encrypted_pdf():
 def test_error_source_is_redacted():
     page = _one("https://u:hunter2@host/x.png", b"")
     assert "hunter2" not in page.error and "hunter2" not in page.source
+
+
+def test_postscript_is_not_opened():
+    # Pillow would hand EPS to Ghostscript; untrusted PostScript must never get that far.
+    eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nshowpage\n"
+    assert "not an image or PDF" in _one("x.eps", eps).error
+
+
+def test_multiframe_gif_gives_first_frame():
+    b = io.BytesIO()
+    frames = [Image.new("P", (6, 4), i) for i in range(3)]
+    frames[0].save(b, "GIF", save_all=True, append_images=frames[1:])
+    page = _one("anim.gif", b.getvalue())
+    assert page.error is None and page.image.size == (6, 4) and page.image.mode == "RGB"

@@ -39,3 +39,9 @@ def test_row_schema_matches_model():
     assert r.created_at.endswith("+00:00") and r.page is None
     with pytest.raises(ValueError):
         OutputRow(id="x", source="s", status="ok", model="m", prompt="p", config_hash="h", job="digitize", created_at="yesterday")
+
+
+def test_nan_from_pandas_batches_means_missing():
+    r = OutputRow(id="x:1", source="s", status="error", error="e", model="m", prompt="p", config_hash="h",
+                  job="digitize", page=float("nan"), decode_ms=float("nan"))
+    assert r.page is None and r.decode_ms is None

@@ -204,3 +204,14 @@ def test_s3_parquet_of_bytes_and_uris(s3_endpoint):
 
 def test_inputref_key_is_optional():
     assert InputRef(source="x").key is None
+
+
+def test_extensions_are_normalized():
+    assert SourceOptions(extensions=["PDF", ".Png"]).extensions == (".pdf", ".png")
+    assert SourceOptions(extensions="jpg, tif").extensions == (".jpg", ".tif")
+
+
+def test_parquet_null_bytes_cell_becomes_empty_data(tmp_path):
+    _write_parquet(tmp_path / "n.parquet", pa.table({"bytes": pa.array([b"x", None], pa.binary())}))
+    refs = list(list_inputs(str(tmp_path / "n.parquet")))
+    assert [(r.data, r.size) for r in refs] == [(b"x", 1), (b"", 0)]
