@@ -106,6 +106,8 @@ def expand(source: str, data: bytes, *, limits: DecodeLimits | None = None) -> I
     limits = limits or DecodeLimits()
     name = redact(source)
     t0 = time.perf_counter()
+    if not isinstance(data, bytes):
+        data = bytes(data or b"")  # memoryview / numpy bytes from Ray blocks
     if not data:
         yield _error(name, "file is empty (0 bytes)", t0)
     elif len(data) > limits.max_bytes:

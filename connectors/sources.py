@@ -107,6 +107,9 @@ def _list_local(spec: str, opts: SourceOptions) -> Iterator[InputRef]:
     if _GLOB_CHARS & set(spec):
         files = sorted(p for p in glob.glob(spec, recursive=True) if os.path.isfile(p))
     elif path.is_file():
+        if not _is_parquet(spec):  # named explicitly: decode it whatever its extension, errors become rows
+            yield InputRef(source=os.path.abspath(spec), size=os.path.getsize(spec))
+            return
         files = [spec]
     elif path.is_dir():
         files = sorted(
@@ -124,6 +127,8 @@ def _list_local(spec: str, opts: SourceOptions) -> Iterator[InputRef]:
     elif tables:
         for f in tables:
             yield from _read_table(os.path.abspath(f), pafs.LocalFileSystem(), os.path.abspath(f), opts)
+    else:
+        log.warning("%s: no inputs found (extensions: %s)", spec, ", ".join(opts.extensions))
 
 
 # ---------------------------------------------------------------- S3

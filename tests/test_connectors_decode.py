@@ -269,3 +269,9 @@ def test_multiframe_gif_gives_first_frame():
     frames[0].save(b, "GIF", save_all=True, append_images=frames[1:])
     page = _one("anim.gif", b.getvalue())
     assert page.error is None and page.image.size == (6, 4) and page.image.mode == "RGB"
+
+
+def test_accepts_memoryview_and_numpy_bytes():
+    data = _png(Image.new("L", (3, 2)))
+    assert _one("m.png", memoryview(data)).image.size == (3, 2)
+    assert _one("n.png", np.bytes_(data)).image.size == (3, 2)

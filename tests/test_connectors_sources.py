@@ -47,6 +47,7 @@ def test_local_glob_and_single_file(tree):
     assert _names(list_inputs(f"{tree}/**/*.p*"), tree) == ["_tmp/e.png", "a.png", "sub/deeper/c.pdf"]
     assert _names(list_inputs(f"{tree}/sub/*"), tree) == ["sub/b.JPG"]
     assert _names(list_inputs(str(tree / "a.png")), tree) == ["a.png"]
+    assert _names(list_inputs(str(tree / "sub/notes.txt")), tree) == ["sub/notes.txt"]  # named: taken as is
 
 
 def test_missing_input_is_an_input_error(tmp_path):
