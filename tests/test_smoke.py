@@ -185,3 +185,18 @@ def test_cli_dry_run_and_write(tmp_path: Path) -> None:
         lang = r.config()["language_config"]
         assert "use_mla" not in lang and lang["kv_lora_rank"] == 32 and lang["q_lora_rank"] is None  # MLA default
         assert "language.model.layers.0.self_attn.kv_b_proj.weight" in r.keys()
+
+
+@pytest.mark.parametrize("variant", ["tiny", "small", "base"])
+def test_mini_is_a_usable_random_model(minis: dict[str, Path], variant: str) -> None:
+    """Through the public loader: finite, non-degenerate logits (fixture-like scale) on an image prompt."""
+    from PIL import Image
+
+    from model import load_pretrained
+
+    model, processor = load_pretrained(str(minis[variant]))
+    conversation = [{"role": "<|User|>", "content": "<image>\nDescribe."}, {"role": "<|Assistant|>", "content": ""}]
+    with torch.no_grad():
+        logits = model(processor(conversation, [Image.new("RGB", (400, 300), (200, 30, 30))]))
+    assert logits.shape[-1] == 384 and torch.isfinite(logits).all()
+    assert 0.3 < logits.std().item() < 3.0
