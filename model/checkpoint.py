@@ -167,7 +167,7 @@ def _download_fsspec(url: str, dest: Path) -> None:
         files = [f for f in fs.find(root) if _wanted(f[len(root):].lstrip("/"))]
         for f in files:
             fs.get_file(f, str(dest / f[len(root):].lstrip("/")))
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, ImportError) as e:  # ImportError: the scheme's backend package is missing
         raise CheckpointError(f"could not download checkpoint {shown}: {type(e).__name__}: {e}") from e
     if not files:
         raise CheckpointError(f"no checkpoint files under {shown}")
@@ -185,7 +185,8 @@ def _download_hub(repo_id: str, cache_dir: Path | None) -> Path:
     except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as e:
         raise CheckpointError(
             f"could not reach the Hugging Face hub for {repo_id!r} (offline or unreachable, and not in the local "
-            "HF cache); pass a local checkpoint directory or an s3:// URL instead") from e
+            f"HF cache; no local directory of that name either); pass a local checkpoint directory or an s3:// URL "
+            "instead") from e
     return validate_checkpoint_dir(Path(path))
 
 
