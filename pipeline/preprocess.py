@@ -1,0 +1,176 @@
+"""CPU stage: read an input, expand it into pages, tile them, and hand the model ready tensors.
+
+Runs on CPU actors so that GPU actors only ever see numpy arrays. A bad input becomes an
+error row here and flows on; nothing in this stage raises for bad data.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+
+from connectors.decode import DecodeLimits, content_id, expand, is_pdf
+from connectors.errors import InputError
+from connectors.redact import redact
+from connectors.sources import SourceOptions, read_bytes
+from pipeline.config import JobConfig
+
+THUMB_SIDE = 256
+# Rows per yielded block: keeps blocks of tiles (MBs each) small enough to stream.
+_CHUNK_ROWS = 8
+
+
+def source_options(config: JobConfig) -> SourceOptions:
+    return SourceOptions(
+        endpoint_url=config.s3_endpoint_url,
+        region=config.s3_region,
+        aws_access_key_id=config.aws_access_key_id,
+        aws_secret_access_key=config.aws_secret_access_key,
+        id_column=config.id_column,
+        bytes_column=config.bytes_column,
+        uri_column=config.uri_column,
+        max_bytes=config.max_bytes,
+    )
+
+
+def decode_limits(config: JobConfig) -> DecodeLimits:
+    return DecodeLimits(
+        max_pixels=config.max_pixels,
+        max_bytes=config.max_bytes,
+        max_pdf_pages=config.max_pdf_pages,
+        pdf_longest_side=config.pdf_longest_side,
+        page_range=config.page_range,
+    )
+
+
+def conversation(prompt: str) -> list[dict[str, str]]:
+    return [{"role": "<|User|>", "content": prompt}, {"role": "<|Assistant|>", "content": ""}]
+
+
+def unreadable_id(source: str) -> str:
+    """An input we could not read has no content hash; its name is the only stable key for resume."""
+    return hashlib.sha256(("source:" + source).encode()).hexdigest()[:32] + ":unreadable"
+
+
+def pack_arrays(arrays: dict[str, np.ndarray]) -> bytes:
+    """Prepared tensors as one bytes value: Ray blocks then hold a plain binary column of any shape."""
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    return buf.getvalue()
+
+
+def unpack_arrays(blob: bytes) -> dict[str, np.ndarray]:
+    with np.load(io.BytesIO(blob), allow_pickle=False) as z:
+        return {k: z[k] for k in z.files}
+
+
+def _thumbnail(image: Any) -> bytes:
+    thumb = image.copy()
+    thumb.thumbnail((THUMB_SIDE, THUMB_SIDE))
+    buf = io.BytesIO()
+    thumb.save(buf, format="PNG", optimize=False)
+    return buf.getvalue()
+
+
+class _Rows:
+    """Column builder with fixed dtypes (sentinels instead of None) so every block has the same schema."""
+
+    def __init__(self) -> None:
+        self.cols: dict[str, list[Any]] = {k: [] for k in COLUMNS}
+
+    def add(self, **row: Any) -> None:
+        for k, default in COLUMNS.items():
+            v = row.get(k)
+            self.cols[k].append(default if v is None else v)
+
+    def __len__(self) -> int:
+        return len(self.cols["id"])
+
+    def take(self) -> dict[str, np.ndarray]:
+        out = {k: np.array(v, dtype=object if isinstance(COLUMNS[k], (str, bytes)) else type(COLUMNS[k]))
+               for k, v in self.cols.items()}
+        self.cols = {k: [] for k in COLUMNS}
+        return out
+
+
+# column -> value meaning "none" (0 is never a valid page, width or token count)
+COLUMNS: dict[str, Any] = {
+    "id": "", "source": "", "page": 0, "width": 0, "height": 0, "status": "", "error": "",
+    "decode_ms": -1.0, "prompt_tokens": 0, "prep": b"", "thumb": b"",
+}
+
+
+class Preprocess:
+    """Ray Data class UDF: input refs -> one row per page/image with packed model inputs."""
+
+    def __init__(self, config: JobConfig, model_path: str, done_ids: frozenset[str] = frozenset()) -> None:
+        from model import load_processor
+
+        self.processor = load_processor(model_path)
+        self.limits = decode_limits(config)
+        self.options = source_options(config)
+        self.conversation = conversation(config.effective_prompt)
+        self.done = done_ids
+        self.thumbnails = config.job == "catalog" and config.contact_sheet
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> Iterator[dict[str, np.ndarray]]:
+        rows = _Rows()
+        keys = batch.get("key")
+        for i, raw_source in enumerate(batch["source"]):
+            data = batch["data"][i] if "data" in batch else None
+            name = str(keys[i]) if keys is not None and keys[i] else redact(raw_source)
+            self._one(str(raw_source), name, data, rows)
+            if len(rows) >= _CHUNK_ROWS:
+                yield rows.take()
+        if len(rows):
+            yield rows.take()
+
+    def _one(self, source: str, name: str, data: bytes | None, rows: _Rows) -> None:
+        if not data:  # None: a URI to read; b"": an empty Parquet cell, which read_bytes-style checks reject
+            try:
+                data = read_bytes(source, options=self.options) if data is None else _empty(source)
+            except Exception as e:  # noqa: BLE001 - an unexpected reader failure is still one item's error
+                uid = unreadable_id(source)
+                if uid in self.done:
+                    rows.add(id=uid, source=name, status="skipped")
+                else:
+                    msg = str(e) if isinstance(e, InputError) else f"{name}: cannot read: {type(e).__name__}: {e}"
+                    rows.add(id=uid, source=name, status="error", error=redact(msg))
+                return
+        if not is_pdf(data) and content_id(data, None) in self.done:
+            rows.add(id=content_id(data, None), source=name, status="skipped")  # skip before decoding
+            return
+        try:
+            for page in expand(source, data, limits=self.limits):
+                rows.add(**self._page(page, name, data))
+        except Exception as e:  # noqa: BLE001 - expand promises not to raise; belt and braces
+            rows.add(id=content_id(data, None), source=name, status="error",
+                     error=redact(f"{name}: cannot decode: {type(e).__name__}: {e}"))
+
+    def _page(self, page: Any, name: str, data: bytes) -> dict[str, Any]:
+        pid = content_id(data, page.page)
+        base = {"id": pid, "source": name, "page": page.page, "decode_ms": page.decode_ms}
+        if pid in self.done:
+            return base | {"status": "skipped"}
+        if page.error or page.image is None:
+            return base | {"status": "error", "error": redact(page.error or f"{name}: no image decoded")}
+        image = page.image
+        base |= {"width": image.width, "height": image.height}
+        try:
+            prep = self.processor.prepare(self.conversation, [image])
+        except Exception as e:  # noqa: BLE001
+            return base | {"status": "error", "error": redact(f"{name}: cannot prepare model input: {e}")}
+        return base | {
+            "status": "ok",
+            "prompt_tokens": len(prep),
+            "prep": pack_arrays(prep.to_numpy_dict()),
+            "thumb": _thumbnail(image) if self.thumbnails else b"",
+        }
+
+
+def _empty(source: str) -> bytes:
+    raise InputError(f"{redact(source)}: file is empty (0 bytes)")

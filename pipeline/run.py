@@ -1,0 +1,146 @@
+"""`run_job`: compose the stages into one streaming Ray Data pipeline and feed the sink.
+
+source refs -> Preprocess (CPU actors) -> Generate (model actors) -> postprocess (tasks)
+-> the driver iterates blocks as they finish and writes them. Nothing materializes the dataset;
+the sink sees rows within one batch of their generation, which is what makes resume cheap.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import warnings
+from typing import Any
+
+from connectors.redact import redact
+from connectors.s3 import S3Options
+from connectors.sinks import open_sink
+from pipeline.checkpoint import resolve_model
+from pipeline.config import JobConfig
+from pipeline.contact_sheet import ContactSheet
+from pipeline.generate import CRASH_ENV, Generate
+from pipeline.postprocess import postprocess
+from pipeline.preprocess import Preprocess, source_options
+from pipeline.summary import Summary, Tally, side_path
+
+
+def s3_options(config: JobConfig) -> S3Options:
+    return S3Options(endpoint_url=config.s3_endpoint_url, region=config.s3_region,
+                     aws_access_key_id=config.aws_access_key_id, aws_secret_access_key=config.aws_secret_access_key)
+
+
+def _init_ray(config: JobConfig) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    # RAY_ADDRESS (set by `ray job submit`) is honoured by ray.init(); otherwise this starts a local Ray.
+    ray.init(address=config.ray_address, include_dashboard=False if not (config.ray_address or os.environ.get("RAY_ADDRESS")) else None,
+             log_to_driver=True)
+
+
+def _gpus_per_worker(config: JobConfig) -> float:
+    import ray
+
+    if config.gpus_per_worker is not None:
+        return config.gpus_per_worker
+    if config.device == "cpu":
+        return 0.0
+    return 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+
+
+def build_dataset(config: JobConfig, model_path: str, done: frozenset[str]) -> Any:
+    """The lazy Ray Data plan; nothing runs until the driver iterates it."""
+    import ray
+
+    from pipeline.source import InputsDatasource
+
+    # A crashed actor (OOM, node loss, segfault) is replaced and its in-flight batch retried on the new one.
+    restarts = dict(max_restarts=config.max_actor_restarts, max_task_retries=config.max_actor_restarts)
+    ds = ray.data.read_datasource(InputsDatasource(config.input, source_options(config), config.limit),
+                                  override_num_blocks=1, num_cpus=0)
+    with warnings.catch_warnings():  # Ray 2.60 has no named parameter for restarts yet
+        warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated")
+        ds = _model_stages(ds, config, model_path, done, restarts)
+    # Light work; zero CPUs so it never waits behind actors that hold every core of a small machine.
+    return ds.map_batches(
+        postprocess,
+        fn_kwargs=dict(job=config.job, model=config.model, prompt=config.effective_prompt,
+                       config_hash=config.config_hash()),
+        batch_size=None,
+        num_cpus=0,
+        batch_format="numpy",
+    )
+
+
+def _model_stages(ds: Any, config: JobConfig, model_path: str, done: frozenset[str], restarts: dict) -> Any:
+    from ray.data import ActorPoolStrategy
+
+    ds = ds.map_batches(
+        Preprocess,
+        fn_constructor_kwargs=dict(config=config, model_path=model_path, done_ids=done),
+        batch_size=config.cpu_batch_size,
+        compute=ActorPoolStrategy(size=config.num_cpu_workers),
+        num_cpus=config.cpus_per_cpu_worker,
+        batch_format="numpy",
+        **restarts,
+    )
+    ds = ds.map_batches(
+        Generate,
+        fn_constructor_kwargs=dict(config=config, model_path=model_path, crash_marker=os.environ.get(CRASH_ENV)),
+        batch_size=config.model_batch_size,
+        compute=ActorPoolStrategy(min_size=config.num_model_workers_min, max_size=config.num_model_workers_max),
+        num_gpus=_gpus_per_worker(config),
+        num_cpus=config.cpus_per_model_worker,
+        batch_format="numpy",
+        **restarts,
+    )
+    return ds
+
+
+def run_job(config: JobConfig, *, quiet: bool = False) -> Summary:
+    """Run one job to completion; returns (and writes beside the output) its summary."""
+    import ray
+
+    model_path, smoke = resolve_model(config.model)
+    sink = open_sink(config.output, table=config.table, s3=s3_options(config))
+    sheet = None
+    try:
+        done = frozenset(sink.done_ids(include_errors=not config.retry_errors))
+        _init_ray(config)
+        ds = build_dataset(config, model_path, done)
+        if config.job == "catalog" and config.contact_sheet:
+            sheet = ContactSheet(side_path(config, "contact_sheet.html"), config.contact_sheet_max)
+        tally = Tally()
+        t0 = time.perf_counter()
+        try:
+            for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+                rows, thumbs = tally.add(batch)
+                if rows:
+                    sink.write(rows)
+                if sheet is not None:
+                    for row, thumb in zip(rows, thumbs):
+                        sheet.add(row, thumb)
+        except ray.exceptions.RayTaskError as e:
+            raise _unwrap(e) from None
+        summary = tally.summary(config, wall_s=time.perf_counter() - t0, smoke=smoke,
+                                prior_done=len(done), contact_sheet=str(sheet.path) if sheet else None)
+    finally:
+        if sheet is not None:
+            sheet.close()
+        sink.close()
+    summary.write(side_path(config, "summary.json"))
+    if not quiet:
+        print(summary.render(), flush=True)
+    return summary
+
+
+def _unwrap(e: Exception) -> Exception:
+    """A bad source raises InputError inside the read task; show the user that, not a Ray traceback."""
+    from connectors.errors import InputError
+
+    cause = getattr(e, "cause", None)
+    if isinstance(cause, InputError):
+        return InputError(str(cause))
+    return RuntimeError(redact(f"pipeline failed: {type(cause or e).__name__}: {cause or e}"))
+
