@@ -267,6 +267,18 @@ def _write_json(path: Path, obj: Any, ascii_only: bool = True) -> None:
     path.write_text(json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=ascii_only) + "\n", encoding="utf-8")
 
 
+def save_tokenizer_json(tok: Tokenizer, path: Path) -> None:
+    """tokenizer.json in the pre-0.20 `tokenizers` format (BPE merges as "a b" strings, no
+    ignore_merges key), as the released checkpoints have it: tokenizers 0.15 (the reference's
+    transformers 4.38 pin) cannot read the list-of-pairs merges that newer versions write."""
+    obj = json.loads(tok.to_str())
+    model = obj["model"]
+    assert model["type"] == "BPE" and not model.pop("ignore_merges", False)
+    assert all(" " not in a and " " not in b for a, b in model["merges"])
+    model["merges"] = [f"{a} {b}" for a, b in model["merges"]]
+    path.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
 def smoke_config(variant: str, size: str, dtype: str | None = None,
                  language_overrides: dict[str, Any] | None = None) -> tuple[dict[str, Any], Tokenizer]:
     """The config.json dict a smoke checkpoint gets, and its tokenizer (bos/eos ids taken from it)."""
@@ -296,7 +308,7 @@ def write_smoke_checkpoint(out_dir: str | Path, variant: str, size: str = "mini"
     out.mkdir(parents=True, exist_ok=True)
     _write_json(out / "config.json", config)
     _write_json(out / "processor_config.json", processor_config())
-    tok.save(str(out / "tokenizer.json"))
+    save_tokenizer_json(tok, out / "tokenizer.json")
     for name, obj in tokenizer_files(tok).items():
         _write_json(out / name, obj, ascii_only=False)
 

@@ -21,7 +21,7 @@ from safetensors.torch import save_file  # noqa: E402
 
 import torch  # noqa: E402
 from model.presets import make_config, processor_config  # noqa: E402
-from model.smoke import (BOS, EOS, INDEX_NAME, _write_json, build_tokenizer, checkpoint_shapes,  # noqa: E402
+from model.smoke import (BOS, EOS, INDEX_NAME, _write_json, build_tokenizer, checkpoint_shapes, save_tokenizer_json,  # noqa: E402
                          init_tensor, tokenizer_files)
 
 SEED = 3
@@ -47,18 +47,6 @@ CHECKPOINTS = {
 VISION = {"width": 32, "heads": 4, "layers": 2}
 
 
-def write_legacy_tokenizer_json(tok, path: Path) -> None:
-    """tokenizer.json in the pre-0.20 `tokenizers` format (BPE merges as "a b" strings, no ignore_merges key),
-    as in the released checkpoints; tokenizers 0.15 (the reference's transformers 4.38 pin) cannot read the
-    list-of-pairs merges that newer tokenizers write.  Same tokenizer: only the file format differs."""
-    obj = json.loads(tok.to_str())
-    model = obj["model"]
-    assert model["type"] == "BPE" and not model.pop("ignore_merges", False)
-    assert all(" " not in a and " " not in b for a, b in model["merges"])
-    model["merges"] = [f"{a} {b}" for a, b in model["merges"]]
-    path.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-
-
 def make_one(name: str, variant: str, overrides: dict) -> Path:
     config = make_config(variant, "mini", **overrides)
     config["vision_config"].update(VISION)
@@ -71,7 +59,7 @@ def make_one(name: str, variant: str, overrides: dict) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     _write_json(out / "config.json", config)
     _write_json(out / "processor_config.json", processor_config())
-    write_legacy_tokenizer_json(tok, out / "tokenizer.json")
+    save_tokenizer_json(tok, out / "tokenizer.json")
     for fname, obj in tokenizer_files(tok).items():
         _write_json(out / fname, obj, ascii_only=False)
     shapes = checkpoint_shapes(config)
