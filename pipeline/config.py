@@ -52,7 +52,7 @@ class JobConfig(BaseModel):
     seed: int | None = Field(0, description="Sampling seed (per batch); null for nondeterministic sampling.")
 
     # --- Ray: batch and pool sizes ------------------------------------------------------------
-    ray_address: str | None = Field(None, description="Ray cluster address; default: the RAY_ADDRESS of `ray job submit`, else a local Ray.")
+    ray_address: str | None = Field(None, description="Ray cluster address ('auto' = the cluster `ray start` runs on this machine); default: RAY_ADDRESS (set by `ray job submit`), else a new local Ray.")
     cpu_batch_size: int = Field(4, gt=0, description="Inputs per preprocessing batch (CPU actors).")
     model_batch_size: int = Field(4, gt=0, description="Items per generate() call on a model actor.")
     num_cpu_workers: int = Field(1, gt=0, description="Preprocessing (decode, rasterize, tile) actors.")

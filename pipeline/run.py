@@ -34,9 +34,12 @@ def _init_ray(config: JobConfig) -> None:
 
     if ray.is_initialized():
         return
-    # RAY_ADDRESS (set by `ray job submit`) is honoured by ray.init(); otherwise this starts a local Ray.
-    ray.init(address=config.ray_address, include_dashboard=False if not (config.ray_address or os.environ.get("RAY_ADDRESS")) else None,
-             log_to_driver=True)
+    if config.ray_address or os.environ.get("RAY_ADDRESS"):  # `ray job submit` sets RAY_ADDRESS
+        ray.init(address=config.ray_address)
+    else:
+        # "local", not None: None would silently join whatever `ray start` last ran on this machine
+        # (or hang on its stale address); --ray-address auto opts into that.
+        ray.init(address="local", include_dashboard=False)
 
 
 def _gpus_per_worker(config: JobConfig) -> float:
@@ -52,12 +55,18 @@ def _gpus_per_worker(config: JobConfig) -> float:
 def build_dataset(config: JobConfig, model_path: str, done: frozenset[str]) -> Any:
     """The lazy Ray Data plan; nothing runs until the driver iterates it."""
     import ray
+    from ray.data import TaskPoolStrategy
 
     from pipeline.source import InputsDatasource
 
+    # Small blocks are what make this stream: Ray Data emits a task's output once a block fills up, so
+    # with the default 128 MiB a whole batch of tiny result rows would reach the sink in one burst.
+    # A prepared page is 2-20 MB of tiles, so 1 MiB means about one page per block.
+    ray.data.DataContext.get_current().target_max_block_size = 1024 * 1024
     # A crashed actor (OOM, node loss, segfault) is replaced and its in-flight batch retried on the new one.
     restarts = dict(max_restarts=config.max_actor_restarts, max_task_retries=config.max_actor_restarts)
-    ds = ray.data.read_datasource(InputsDatasource(config.input, source_options(config), config.limit),
+    ds = ray.data.read_datasource(InputsDatasource(config.input, source_options(config), config.limit,
+                                                   block_rows=config.cpu_batch_size),
                                   override_num_blocks=1, num_cpus=0)
     with warnings.catch_warnings():  # Ray 2.60 has no named parameter for restarts yet
         warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated")
@@ -67,8 +76,11 @@ def build_dataset(config: JobConfig, model_path: str, done: frozenset[str]) -> A
         postprocess,
         fn_kwargs=dict(job=config.job, model=config.model, prompt=config.effective_prompt,
                        config_hash=config.config_hash()),
-        batch_size=None,
+        # Explicit, or Ray bundles these tiny blocks up to 1 MiB and rows would reach the sink in bursts.
+        batch_size=config.model_batch_size,
         num_cpus=0,
+        # Bounded so a few long-lived workers do it; unbounded 0-CPU tasks each spawn a fresh process.
+        compute=TaskPoolStrategy(size=config.num_model_workers_max),
         batch_format="numpy",
     )
 

@@ -16,17 +16,17 @@ from ray.data.datasource import Datasource, ReadTask
 from connectors.sources import SourceOptions, list_inputs
 
 REF_SCHEMA = pa.schema([("source", pa.string()), ("data", pa.binary()), ("key", pa.string())])
-_BLOCK_ROWS = 16
 _BLOCK_BYTES = 32 * 1024 * 1024
 
 
-def iter_ref_blocks(spec: str, options: SourceOptions, limit: int | None) -> Iterator[pa.Table]:
+def iter_ref_blocks(spec: str, options: SourceOptions, limit: int | None, block_rows: int = 16) -> Iterator[pa.Table]:
+    """Blocks of `block_rows` refs (one preprocessing batch each), or fewer when they carry many bytes."""
     rows: list[dict] = []
     size = 0
     for ref in islice(list_inputs(spec, options=options), limit):
         rows.append({"source": ref.source, "data": ref.data, "key": ref.key})
         size += len(ref.data or b"")
-        if len(rows) >= _BLOCK_ROWS or size >= _BLOCK_BYTES:
+        if len(rows) >= block_rows or size >= _BLOCK_BYTES:
             yield pa.Table.from_pylist(rows, schema=REF_SCHEMA)
             rows, size = [], 0
     if rows:
@@ -34,13 +34,13 @@ def iter_ref_blocks(spec: str, options: SourceOptions, limit: int | None) -> Ite
 
 
 class InputsDatasource(Datasource):
-    def __init__(self, spec: str, options: SourceOptions, limit: int | None = None) -> None:
-        self.spec, self.options, self.limit = spec, options, limit
+    def __init__(self, spec: str, options: SourceOptions, limit: int | None = None, block_rows: int = 16) -> None:
+        self.spec, self.options, self.limit, self.block_rows = spec, options, limit, block_rows
 
     def estimate_inmemory_data_size(self) -> int | None:
         return None
 
     def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None, data_context=None) -> list[ReadTask]:
-        spec, options, limit = self.spec, self.options, self.limit
+        spec, options, limit, rows = self.spec, self.options, self.limit, self.block_rows
         meta = BlockMetadata(num_rows=None, size_bytes=None, exec_stats=None, input_files=None)
-        return [ReadTask(lambda: iter_ref_blocks(spec, options, limit), meta, schema=REF_SCHEMA)]
+        return [ReadTask(lambda: iter_ref_blocks(spec, options, limit, rows), meta, schema=REF_SCHEMA)]

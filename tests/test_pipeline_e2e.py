@@ -27,7 +27,7 @@ PG = "postgresql://postgres@127.0.0.1:5432/test"
 @pytest.fixture(scope="session")
 def ray_session():
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
 

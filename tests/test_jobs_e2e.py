@@ -1,0 +1,173 @@
+"""The jobs as users run them, in subprocesses: SIGKILL of the driver then resume, `ray job submit`
+to a real `ray start --head` cluster, the smoke checkpoint warning, and no credentials anywhere."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import boto3
+import pytest
+
+from tests.s3server import s3_endpoint  # noqa: F401 - fixture
+from tests.test_pipeline_support import REPO, image_bytes, make_folder, pdf_bytes, read_rows, smoke_checkpoint
+
+RAY = str(Path(sys.executable).with_name("ray"))
+
+
+def job_env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env.pop("RAY_ADDRESS", None)
+    env.update(RAY_DEDUP_LOGS="0", PYTHONUNBUFFERED="1", **extra)
+    return env
+
+
+def kill_group(proc: subprocess.Popen) -> None:
+    """Our subprocess ran in its own session; end whatever of it is left (its local Ray too)."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait(timeout=30)
+
+
+def count_rows(db: Path) -> int:
+    try:
+        with sqlite3.connect(db, timeout=5) as conn:
+            return conn.execute("SELECT COUNT(*) FROM pagemill_rows").fetchone()[0]
+    except sqlite3.OperationalError:  # not created yet
+        return 0
+
+
+def test_sigkill_driver_then_rerun_gives_exactly_one_row_per_item(tmp_path):
+    src = tmp_path / "in"
+    src.mkdir()
+    n = 16
+    for i in range(n - 2):
+        (src / f"p{i:02d}.png").write_bytes(image_bytes(100 + i))
+    (src / "two.pdf").write_bytes(pdf_bytes(2, "kill"))
+    db = tmp_path / "out" / "rows.db"
+    args = [sys.executable, "-m", "jobs.digitize", "--input", str(src), "--output", f"sqlite:///{db}",
+            "--model", "smoke", "--max-new-tokens", "96", "--cpu-batch-size", "1", "--model-batch-size", "1",
+            "--pdf-longest-side", "384"]
+    env = job_env(PAGEMILL_CACHE=str(smoke_checkpoint().parent / "cache"))
+    proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    try:
+        deadline = time.time() + 240
+        while count_rows(db) == 0 and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.2)
+        os.kill(proc.pid, signal.SIGKILL)  # the driver, mid-run
+        proc.wait(timeout=30)
+    finally:
+        kill_group(proc)
+    landed = count_rows(db)
+    assert 0 < landed < n, f"expected a partial run at the kill, found {landed}/{n} rows"
+
+    done = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "RANDOM" in done.stdout and "smoke" in done.stdout  # the smoke checkpoint says so plainly
+    rows = read_rows(f"sqlite:///{db}")
+    assert len(rows) == n and len({r["id"] for r in rows}) == n
+    assert all(r["status"] == "ok" for r in rows)
+    summary = json.loads(Path(str(db) + ".summary.json").read_text())
+    assert summary["items_skipped"] == landed and summary["items_ok"] == n - landed
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ray_job_submit_to_a_local_cluster(tmp_path):
+    """`ray job submit --working-dir .` against `ray start --head`, as the README shows."""
+    src = tmp_path / "in"
+    n = make_folder(src, n_images=1, pdf_pages=2)
+    db = tmp_path / "submitted.db"
+    ports = {name: _free_port() for name in ("port", "dashboard", "agent_http", "agent_grpc", "metrics", "runtime_env",
+                                             "node_manager", "object_manager")}
+    temp_dir = tempfile.mkdtemp(prefix="pmray-", dir="/tmp")  # short: Ray puts unix sockets under it
+    # Ray >= 2.5x clusters use token auth: the head and every client share this token.
+    env = job_env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=uuid.uuid4().hex)
+    head = subprocess.Popen(
+        [RAY, "start", "--head", "--block", "--num-cpus", "2", "--num-gpus", "0", "--port", str(ports["port"]),
+         "--include-dashboard", "true", "--dashboard-host", "127.0.0.1", "--dashboard-port", str(ports["dashboard"]),
+         "--dashboard-agent-listen-port", str(ports["agent_http"]),
+         "--dashboard-agent-grpc-port", str(ports["agent_grpc"]), "--metrics-export-port", str(ports["metrics"]),
+         "--runtime-env-agent-port", str(ports["runtime_env"]), "--node-manager-port", str(ports["node_manager"]),
+         "--object-manager-port", str(ports["object_manager"]), "--disable-usage-stats",
+         "--temp-dir", temp_dir],  # its own: never touch the state of other Ray instances on this machine
+        cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    address = f"http://127.0.0.1:{ports['dashboard']}"
+    try:
+        deadline = time.time() + 120
+        while True:
+            ok = subprocess.run([RAY, "job", "list", "--address", address], env=env, capture_output=True, timeout=60)
+            if ok.returncode == 0:
+                break
+            assert head.poll() is None and time.time() < deadline, "ray head did not come up"
+            time.sleep(2)
+        sub = subprocess.run(
+            [RAY, "job", "submit", "--address", address, "--working-dir", ".", "--",
+             "python", "-m", "jobs.digitize", "--input", str(src), "--output", f"sqlite:///{db}",
+             "--model", str(smoke_checkpoint()), "--max-new-tokens", "4", "--pdf-longest-side", "384"],
+            cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
+        assert sub.returncode == 0, (sub.stdout + sub.stderr)[-4000:]
+        assert "succeeded" in (sub.stdout + sub.stderr).lower()
+    finally:
+        kill_group(head)
+        # `ray start` records its address for later `ray.init()` calls; ours is gone, so is the record.
+        for current in (Path("/tmp/ray/ray_current_cluster"), Path(temp_dir) / "ray_current_cluster"):
+            if current.is_file() and current.read_text().strip().endswith(f":{ports['port']}"):
+                current.unlink()
+        shutil.rmtree(temp_dir, ignore_errors=True)
+    rows = read_rows(f"sqlite:///{db}")
+    assert len(rows) == n and all(r["status"] == "ok" for r in rows)
+
+
+def test_credentials_never_in_logs_rows_or_summaries(tmp_path, s3_endpoint):  # noqa: F811
+    import psycopg
+
+    password = "pw-" + uuid.uuid4().hex[:10]
+    key_id, secret = "AKIAIOSFODNN7EXAMPLE", "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"
+    s3 = boto3.client("s3", endpoint_url=s3_endpoint)
+    s3.create_bucket(Bucket="private")
+    s3.put_object(Bucket="private", Key="in/a.png", Body=image_bytes(200))
+    s3.put_object(Bucket="private", Key="in/broken.png", Body=b"\x89PNG\r\n\x1a\nbroken")
+    table = "t_" + uuid.uuid4().hex[:12]
+    dsn = f"postgresql://postgres:{password}@127.0.0.1:5432/test"  # trust auth: the password is ignored
+    summary = tmp_path / "summary.json"
+    env = job_env(AWS_ACCESS_KEY_ID=key_id, AWS_SECRET_ACCESS_KEY=secret, AWS_ENDPOINT_URL=s3_endpoint,
+                  AWS_DEFAULT_REGION="us-east-1")
+    args = [sys.executable, "-m", "jobs.digitize", "--input", "s3://private/in/", "--output", dsn,
+            "--table", table, "--model", str(smoke_checkpoint()), "--max-new-tokens", "4",
+            "--summary-path", str(summary)]
+    try:
+        run = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0, run.stderr[-3000:]
+        rows = read_rows(f"postgresql://postgres@127.0.0.1:5432/test", table)
+        assert sorted(r["status"] for r in rows) == ["error", "ok"]
+        # a sink that cannot be reached: the error names it without the password
+        bad = subprocess.run(args[:6] + ["postgresql://postgres:" + password + "@127.0.0.1:1/test"] + args[7:],
+                             cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+        assert bad.returncode == 1 and "127.0.0.1" in bad.stderr
+    finally:
+        with psycopg.connect("postgresql://postgres@127.0.0.1:5432/test", autocommit=True) as conn:
+            conn.execute(f"DROP TABLE IF EXISTS {table}")
+    everything = run.stdout + run.stderr + bad.stdout + bad.stderr + summary.read_text() + json.dumps(rows, default=str)
+    ray_logs = "".join(p.read_text(errors="replace") for p in Path("/tmp/ray/session_latest/logs").glob("*")
+                       if p.is_file() and p.stat().st_size < 5_000_000)
+    for s in (password, secret, key_id):
+        assert s not in everything, s
+        assert s not in ray_logs, s
