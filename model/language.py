@@ -252,12 +252,10 @@ class Gate(nn.Module):
 
 
 class Experts(nn.Module):
-    """Routed experts stacked as [E, out, in]; `first` is the global index of expert 0 here, so a
-    shard holding experts [first, first+E) runs unchanged under expert parallelism."""
+    """Routed experts stacked as [E, out, in], so grouping tokens by expert is slicing."""
 
-    def __init__(self, num: int, hidden: int, inner: int, first: int = 0):
+    def __init__(self, num: int, hidden: int, inner: int):
         super().__init__()
-        self.first = first
         self.gate_proj = nn.Parameter(torch.empty(num, inner, hidden))
         self.up_proj = nn.Parameter(torch.empty(num, inner, hidden))
         self.down_proj = nn.Parameter(torch.empty(num, hidden, inner))
@@ -265,13 +263,13 @@ class Experts(nn.Module):
     def forward(self, x: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """x [N,H], idx/weight [N,K] -> weighted sum [N,H] (float32 accumulation like the reference)."""
         n, k = idx.shape
-        flat = idx.flatten() - self.first
+        flat = idx.flatten()
         order = flat.argsort()
-        counts = torch.bincount(flat.clamp(0, self.gate_proj.shape[0] - 1), minlength=self.gate_proj.shape[0])
+        counts = torch.bincount(flat, minlength=self.gate_proj.shape[0]).tolist()
         tokens = x[order // k]
-        out = torch.zeros_like(tokens)
+        out = torch.empty_like(tokens)
         start = 0
-        for e, c in enumerate(counts.tolist()):
+        for e, c in enumerate(counts):
             if c:
                 t = tokens[start : start + c]
                 h = F.silu(t @ self.gate_proj[e].T) * (t @ self.up_proj[e].T)

@@ -6,7 +6,6 @@ filled one checkpoint tensor at a time, so no full float32 copy ever sits in hos
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -46,9 +45,8 @@ def checkpoint_slots(model: nn.Module) -> dict[str, Slot]:
     for name, p in model.named_parameters():
         m = _EXPERTS.match(name)
         if m:
-            first = model.get_submodule(m.group(1)).first
             for e in range(p.shape[0]):
-                slots[f"{m.group(1)}.{first + e}.{m.group(2)}.weight"] = Slot(name, e, tuple(p.shape[1:]))
+                slots[f"{m.group(1)}.{e}.{m.group(2)}.weight"] = Slot(name, e, tuple(p.shape[1:]))
         else:
             slots[name] = Slot(name, None, tuple(p.shape))
     return slots
@@ -107,11 +105,6 @@ def load_model(local_dir: str | Path, device: str | torch.device = "cpu", dtype:
     with CheckpointReader(local_dir) as reader:
         load_weights(model, reader, device, str(local_dir))
     return model.eval()
-
-
-def iter_official_shapes(model: nn.Module) -> Iterator[tuple[str, tuple[int, ...]]]:
-    for k, s in checkpoint_slots(model).items():
-        yield k, s.shape
 
 
 __all__ = ["load_model", "load_weights", "checkpoint_slots", "build_empty", "resolve_checkpoint", "CheckpointError"]
