@@ -20,7 +20,11 @@ _BLOCK_BYTES = 32 * 1024 * 1024
 
 
 def iter_ref_blocks(spec: str, options: SourceOptions, limit: int | None, block_rows: int = 16) -> Iterator[pa.Table]:
-    """Blocks of `block_rows` refs (one preprocessing batch each), or fewer when they carry many bytes."""
+    """Blocks of `block_rows` refs (one preprocessing batch each), or fewer when they carry many bytes.
+
+    Small blocks are what make the whole pipeline stream: a Ray Data task emits its output when it
+    ends (or when a block fills up), so one big input block would reach the sink as one late burst.
+    """
     rows: list[dict] = []
     size = 0
     for ref in islice(list_inputs(spec, options=options), limit):

@@ -52,14 +52,15 @@ def count_rows(db: Path) -> int:
 def test_sigkill_driver_then_rerun_gives_exactly_one_row_per_item(tmp_path):
     src = tmp_path / "in"
     src.mkdir()
-    n = 16
-    for i in range(n - 2):
-        (src / f"p{i:02d}.png").write_bytes(image_bytes(100 + i))
-    (src / "two.pdf").write_bytes(pdf_bytes(2, "kill"))
+    # Full-size pages (~18 MB of tiles each) so that Ray Data's blocks hold a few pages and rows reach
+    # the sink in several writes: the kill lands between two of them.
+    for k in range(3):
+        (src / f"doc{k}.pdf").write_bytes(pdf_bytes(8, f"kill{k}"))
+    (src / "photo.png").write_bytes(image_bytes(100))
+    n = 3 * 8 + 1
     db = tmp_path / "out" / "rows.db"
     args = [sys.executable, "-m", "jobs.digitize", "--input", str(src), "--output", f"sqlite:///{db}",
-            "--model", "smoke", "--max-new-tokens", "96", "--cpu-batch-size", "1", "--model-batch-size", "1",
-            "--pdf-longest-side", "384"]
+            "--model", "smoke", "--max-new-tokens", "16", "--cpu-batch-size", "1", "--model-batch-size", "2"]
     env = job_env(PAGEMILL_CACHE=str(smoke_checkpoint().parent / "cache"))
     proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
