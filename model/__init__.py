@@ -1,42 +1,30 @@
-"""DeepSeek-VL2 in PyTorch: processor, model, loading. Knows nothing of Ray or storage."""
+"""DeepSeek-VL2 in PyTorch: processor, model, loading. Knows nothing of Ray or storage.
+
+Names are imported lazily, so that `model.grounding` (pure Python) costs CPU-side workers no
+torch import.
+"""
 from __future__ import annotations
 
-from pathlib import Path
+import importlib
+from typing import Any
 
-import torch
-
-from .checkpoint import CheckpointError, resolve_checkpoint
-from .config import ConfigError, VL2Config, load_config
-from .loading import load_model
-from .model import DeepseekVL2
-from .processor import BatchInputs, PreparedInput, Processor
-
-
-def load_processor(spec: str | Path) -> Processor:
-    """Tokenizer and tiling only (no weights): what CPU-side workers need."""
-    return Processor.from_pretrained(resolve_checkpoint(str(spec)))
-
-
-def load_pretrained(
-    spec: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
-) -> tuple[DeepseekVL2, Processor]:
-    """Local dir, s3:// or fsspec URL (cached once), or Hugging Face hub id -> (model, processor)."""
-    local = resolve_checkpoint(str(spec))
-    processor = Processor.from_pretrained(local)
-    model = load_model(local, device=device, dtype=dtype)
-    return model, processor
+_WHERE = {
+    "load_pretrained": ".loading",
+    "load_processor": ".loading",
+    "resolve_checkpoint": ".checkpoint",
+    "CheckpointError": ".checkpoint",
+    "load_config": ".config",
+    "ConfigError": ".config",
+    "VL2Config": ".config",
+    "DeepseekVL2": ".model",
+    "Processor": ".processor",
+    "PreparedInput": ".processor",
+    "BatchInputs": ".processor",
+}
+__all__ = list(_WHERE)
 
 
-__all__ = [
-    "load_pretrained",
-    "load_processor",
-    "resolve_checkpoint",
-    "load_config",
-    "DeepseekVL2",
-    "Processor",
-    "PreparedInput",
-    "BatchInputs",
-    "VL2Config",
-    "CheckpointError",
-    "ConfigError",
-]
+def __getattr__(name: str) -> Any:
+    if name not in _WHERE:
+        raise AttributeError(f"module 'model' has no attribute {name!r}")
+    return getattr(importlib.import_module(_WHERE[name], __name__), name)

@@ -16,6 +16,7 @@ from torch import nn
 from .checkpoint import CheckpointError, CheckpointReader, resolve_checkpoint
 from .config import load_config
 from .model import DeepseekVL2
+from .processor import Processor
 
 # Present in the official checkpoints but never used at inference (the ViT's attention-pool head).
 UNUSED = re.compile(r"^vision\.(attn_pool|head|fc_norm)\.")
@@ -107,4 +108,18 @@ def load_model(local_dir: str | Path, device: str | torch.device = "cpu", dtype:
     return model.eval()
 
 
-__all__ = ["load_model", "load_weights", "checkpoint_slots", "build_empty", "resolve_checkpoint", "CheckpointError"]
+def load_processor(spec: str | Path) -> Processor:
+    """Tokenizer and tiling only (no weights): what CPU-side workers need."""
+    return Processor.from_pretrained(resolve_checkpoint(str(spec)))
+
+
+def load_pretrained(
+    spec: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+) -> tuple[DeepseekVL2, Processor]:
+    """Local dir, s3:// or fsspec URL (cached once), or Hugging Face hub id -> (model, processor)."""
+    local = resolve_checkpoint(str(spec))
+    processor = Processor.from_pretrained(local)
+    return load_model(local, device=device, dtype=dtype), processor
+
+
+__all__ = ["load_pretrained", "load_processor", "load_model", "load_weights", "checkpoint_slots", "build_empty", "resolve_checkpoint", "CheckpointError"]

@@ -222,6 +222,30 @@ class Processor:
 
     # --- batches -------------------------------------------------------------------------
 
+    def pack(self, prep: PreparedInput) -> dict[str, np.ndarray]:
+        """`prep` as numpy arrays for shipping between processes, with the tiles as their uint8
+        pixels (4x smaller) whenever that round-trips exactly through `unpack`; else as float32."""
+        d = prep.to_numpy_dict()
+        m = torch.tensor(self.image_mean, dtype=torch.float32).view(3, 1, 1)
+        s = torch.tensor(self.image_std, dtype=torch.float32).view(3, 1, 1)
+        pixels = ((prep.images * s + m) * 255).round().clamp(0, 255).to(torch.uint8)
+        if torch.equal(self._normalize_pixels(pixels), prep.images):
+            del d["images"]
+            d["images_u8"] = pixels.numpy()
+        return d
+
+    def unpack(self, d: dict[str, Any]) -> PreparedInput:
+        if "images_u8" in d:
+            d = dict(d)
+            d["images"] = self._normalize_pixels(torch.tensor(np.asarray(d.pop("images_u8")))).numpy()
+        return PreparedInput.from_numpy_dict(d)
+
+    def _normalize_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
+        """[n,3,H,W] uint8 -> float32 with `normalize`'s exact arithmetic."""
+        m = torch.tensor(self.image_mean, dtype=torch.float32).view(3, 1, 1)
+        s = torch.tensor(self.image_std, dtype=torch.float32).view(3, 1, 1)
+        return pixels.float().div(255).sub(m).div(s)
+
     def collate(self, samples: Sequence[PreparedInput]) -> BatchInputs:
         """Left-pad text, zero-pad tiles and crop rows: generation appends on the right."""
         if not samples:

@@ -116,9 +116,8 @@ class Generate:
         return out
 
     def _generate(self, blobs: list[bytes]) -> list[tuple[str, int, float]]:
-        from model.processor import PreparedInput
 
-        preps = [PreparedInput.from_numpy_dict(unpack_arrays(b)) for b in blobs]
+        preps = [self.processor.unpack(unpack_arrays(b)) for b in blobs]
         inputs = self.processor.collate(preps).to(self.device, dtype=self.dtype)
         t0 = time.perf_counter()
         with torch.inference_mode():

@@ -167,7 +167,7 @@ class Preprocess:
         return base | {
             "status": "ok",
             "prompt_tokens": len(prep),
-            "prep": pack_arrays(prep.to_numpy_dict()),
+            "prep": pack_arrays(self.processor.pack(prep)),
             "thumb": _thumbnail(image) if self.thumbnails else b"",
         }
 

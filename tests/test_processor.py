@@ -202,3 +202,18 @@ def test_images_across_turns(processors):
     assert prep.images_spatial_crop.tolist() == [[1, 1]] * 3
     ids = prep.input_ids.tolist()
     assert ids.count(p.eos_id) == 1 and ids[ids.index(p.eos_id) - len(p.encode("ok")) : ids.index(p.eos_id)] == p.encode("ok")
+
+
+def test_pack_unpack_is_exact_and_compact(fixtures_dir):
+    """What crosses process boundaries in the pipeline: uint8 tiles that restore bit-for-bit."""
+    proc = Processor.from_pretrained(fixtures_dir / "tiny_mha-seed1")
+    z = np.load(fixtures_dir / "tiny_mha-seed1.golden.npz")
+    img = Image.open(io.BytesIO(z["single_1000x400_rgba__image0_png"].tobytes()))
+    conv = [{"role": "<|User|>", "content": "<image>\nRead it."}, {"role": "<|Assistant|>", "content": ""}]
+    for prep in (proc.prepare(conv, [img]), proc.prepare([{"role": "<|User|>", "content": "hi"}])):
+        packed = proc.pack(prep)
+        back = proc.unpack(packed)
+        for name in ("input_ids", "images_seq_mask", "images", "images_spatial_crop", "num_image_tokens"):
+            assert torch.equal(getattr(back, name), getattr(prep, name)), name
+    packed = proc.pack(proc.prepare(conv, [img]))
+    assert packed["images_u8"].dtype == np.uint8 and "images" not in packed
