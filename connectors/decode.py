@@ -19,6 +19,7 @@ import pypdfium2.raw as pdfium_c
 from PIL import Image, ImageOps, UnidentifiedImageError
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from connectors.record import Record
 from connectors.redact import redact
 
 _PAGE_RANGE = re.compile(r"^\s*(\d+)\s*(?:-\s*(\d*)\s*)?$")
@@ -70,7 +71,7 @@ class DecodeLimits(BaseModel):
         return list(pages)
 
 
-class DecodedPage(BaseModel):
+class DecodedPage(Record):
     """One work item; dict-like (`page["image"]`) for Ray batches."""
 
     model_config = ConfigDict(arbitrary_types_allowed=True)
@@ -80,15 +81,6 @@ class DecodedPage(BaseModel):
     image: Any = None  # PIL.Image.Image in RGB, or None when error is set
     error: str | None = None
     decode_ms: float = 0.0
-
-    def __getitem__(self, name: str) -> Any:
-        return getattr(self, name)
-
-    def get(self, name: str, default: Any = None) -> Any:
-        return getattr(self, name, default)
-
-    def keys(self) -> list[str]:
-        return list(type(self).model_fields)
 
 
 def content_id(data: bytes, page: int | None) -> str:

@@ -101,7 +101,20 @@ def _is_part(name: str) -> bool:
     return name.endswith(".parquet") and not name.startswith((".", "_"))
 
 
-class LocalParquetSink:
+class _Closes:
+    """`with open_sink(dst) as sink:` closes the sink however the block ends."""
+
+    def close(self) -> None:  # pragma: no cover - every sink defines its own
+        raise NotImplementedError
+
+    def __enter__(self) -> "_Closes":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class LocalParquetSink(_Closes):
     """Each `write` is one new part file, written as `.tmp` and renamed, so readers never see half a file."""
 
     def __init__(self, root: str) -> None:
@@ -141,14 +154,8 @@ class LocalParquetSink:
     def close(self) -> None:
         pass
 
-    def __enter__(self) -> "LocalParquetSink":
-        return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
-class S3ParquetSink:
+class S3ParquetSink(_Closes):
     """Each `write` is one `put_object` of a whole part: an S3 PUT is atomic, so no temp key is needed."""
 
     def __init__(self, url: str, s3: S3Options | None = None) -> None:
@@ -195,12 +202,6 @@ class S3ParquetSink:
     def close(self) -> None:
         pass
 
-    def __enter__(self) -> "S3ParquetSink":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
 
 # ---------------------------------------------------------------- SQL
 
@@ -221,7 +222,7 @@ def _sqlite_quote(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
 
-class SqliteSink:
+class SqliteSink(_Closes):
     """SQLite in WAL mode so readers (dashboards, resume checks) do not block the writer."""
 
     def __init__(self, dsn: str, table: str) -> None:
@@ -264,12 +265,6 @@ class SqliteSink:
     def close(self) -> None:
         self.conn.close()
 
-    def __enter__(self) -> "SqliteSink":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
 
 def _sqlite_path(dsn: str) -> str:
     """SQLAlchemy-style URLs: sqlite:///rel.db is relative, sqlite:////abs.db absolute, sqlite:// in memory."""
@@ -283,7 +278,7 @@ def _sqlite_path(dsn: str) -> str:
     return rest[1:]
 
 
-class PostgresSink:
+class PostgresSink(_Closes):
     """PostgreSQL via psycopg 3; rows are upserted with a pipelined executemany in one transaction."""
 
     def __init__(self, dsn: str, table: str) -> None:
@@ -338,9 +333,3 @@ class PostgresSink:
 
     def close(self) -> None:
         self.conn.close()
-
-    def __enter__(self) -> "PostgresSink":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()

@@ -10,15 +10,15 @@ import logging
 import os
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from botocore.exceptions import BotoCoreError, ClientError
-from pydantic import BaseModel, Field, field_validator
+from pydantic import Field, field_validator
 
 from connectors.errors import InputError
+from connectors.record import Record
 from connectors.redact import redact
 from connectors.s3 import S3Options, arrow_s3_fs, s3_client, split_s3_url
 
@@ -50,7 +50,7 @@ class SourceOptions(S3Options):
         return v
 
 
-class InputRef(BaseModel):
+class InputRef(Record):
     """One input file or Parquet row. Dict-like (`ref["source"]`, `dict(ref)`) for Ray batches.
 
     `data` is set only for Parquet tables of bytes (then `source` is the row's path/URI column or
@@ -61,15 +61,6 @@ class InputRef(BaseModel):
     data: bytes | None = None
     size: int | None = None
     key: str | None = None  # value of SourceOptions.id_column, if configured
-
-    def __getitem__(self, name: str) -> Any:
-        return getattr(self, name)
-
-    def get(self, name: str, default: Any = None) -> Any:
-        return getattr(self, name, default)
-
-    def keys(self) -> list[str]:
-        return list(type(self).model_fields)
 
 
 def _has_ext(name: str, exts: tuple[str, ...]) -> bool:

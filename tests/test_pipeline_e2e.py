@@ -3,7 +3,6 @@ bad inputs, resume, a model actor dying mid-run, the catalog job's structure and
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import uuid
