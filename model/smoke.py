@@ -303,6 +303,12 @@ def write_smoke_checkpoint(out_dir: str | Path, variant: str, size: str = "mini"
     dtype defaults to float32 for mini (like the fixtures) and bfloat16 for full (like the releases).
     """
     config, tok = smoke_config(variant, size, dtype, language_overrides)
+    return write_checkpoint(out_dir, config, tok, seed, shard_size_mb)
+
+
+def write_checkpoint(out_dir: str | Path, config: dict[str, Any], tok: Tokenizer, seed: int,
+                     shard_size_mb: float = 5000) -> Path:
+    """Write `config` with random weights (dtype from its torch_dtype) and `tok` in the official layout."""
     torch_dtype = DTYPES[config["torch_dtype"]]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -8,13 +8,10 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
 SMOKE = "smoke"
-SMOKE_ARGS = ("--variant", "tiny", "--size", "mini", "--seed", "0")
 SMOKE_WARNING = (
     "WARNING: --model smoke: no real checkpoint is used. Running a randomly initialised mini DeepSeek-VL2 "
     "checkpoint ({path}); every generated text and box is RANDOM, not a real OCR/caption. "
@@ -37,8 +34,9 @@ def smoke_checkpoint(root: Path | None = None) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".smoke-", dir=root))
     try:
-        subprocess.run([sys.executable, "-m", "model.smoke", *SMOKE_ARGS, "--out", str(tmp)],
-                       check=True, stdout=subprocess.DEVNULL)
+        from model.smoke import write_smoke_checkpoint
+
+        write_smoke_checkpoint(tmp, "tiny", "mini", seed=0)
         try:
             os.replace(tmp, path)
         except OSError:  # another job won the race

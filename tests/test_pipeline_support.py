@@ -7,8 +7,6 @@ import io
 import shutil
 import json
 import sqlite3
-import subprocess
-import sys
 import tempfile
 from functools import lru_cache
 from pathlib import Path
@@ -16,18 +14,17 @@ from pathlib import Path
 import pyarrow.parquet as pq
 from PIL import Image, ImageDraw
 
+from pipeline.checkpoint import smoke_checkpoint as job_smoke_checkpoint
+
 REPO = Path(__file__).resolve().parents[1]
 
 
 @lru_cache(maxsize=1)
 def smoke_checkpoint() -> Path:
-    """One random mini checkpoint per test process (the official generator, so it is what users get)."""
+    """One random mini checkpoint per test process, made as `--model smoke` makes it for users."""
     root = tempfile.mkdtemp(prefix="pagemill-smoke-")
     atexit.register(shutil.rmtree, root, True)
-    out = Path(root) / "ckpt"
-    subprocess.run([sys.executable, "-m", "model.smoke", "--variant", "tiny", "--size", "mini", "--seed", "0",
-                    "--out", str(out)], check=True, cwd=REPO, stdout=subprocess.DEVNULL, timeout=300)
-    return out
+    return job_smoke_checkpoint(Path(root))
 
 
 def image_bytes(i: int, fmt: str = "PNG", size: tuple[int, int] = (96, 64)) -> bytes:

@@ -9,20 +9,13 @@ checkpoint_shapes / init_tensor / tokenizer helpers, exactly as write_smoke_chec
 """
 from __future__ import annotations
 
-import json
-import math
 import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parents[2]))
 
-from safetensors.torch import save_file  # noqa: E402
-
-import torch  # noqa: E402
-from model.presets import make_config, processor_config  # noqa: E402
-from model.smoke import (BOS, EOS, INDEX_NAME, _write_json, build_tokenizer, checkpoint_shapes, save_tokenizer_json,  # noqa: E402
-                         init_tensor, tokenizer_files)
+from model.smoke import smoke_config, write_checkpoint  # noqa: E402
 
 SEED = 3
 _COMMON = dict(hidden_size=48, intermediate_size=96, moe_intermediate_size=16, num_hidden_layers=3,
@@ -48,27 +41,10 @@ VISION = {"width": 32, "heads": 4, "layers": 2}
 
 
 def make_one(name: str, variant: str, overrides: dict) -> Path:
-    config = make_config(variant, "mini", **overrides)
+    config, tok = smoke_config(variant, "mini", language_overrides=overrides)
     config["vision_config"].update(VISION)
     config["projector_config"]["input_dim"] = VISION["width"]
-    tok = build_tokenizer(variant)
-    lang = config["language_config"]
-    lang["bos_token_id"], lang["eos_token_id"] = tok.token_to_id(BOS), tok.token_to_id(EOS)
-    assert tok.get_vocab_size() <= lang["vocab_size"]
-    out = HERE / name
-    out.mkdir(parents=True, exist_ok=True)
-    _write_json(out / "config.json", config)
-    _write_json(out / "processor_config.json", processor_config())
-    save_tokenizer_json(tok, out / "tokenizer.json")
-    for fname, obj in tokenizer_files(tok).items():
-        _write_json(out / fname, obj, ascii_only=False)
-    shapes = checkpoint_shapes(config)
-    tensors = {key: init_tensor(key, shape, SEED, torch.float32) for key, shape in shapes.items()}
-    shard = "model-00001-of-000001.safetensors"
-    save_file(tensors, str(out / shard), metadata={"format": "pt"})
-    total = sum(math.prod(s) for s in shapes.values()) * 4
-    _write_json(out / INDEX_NAME, {"metadata": {"total_size": total}, "weight_map": dict.fromkeys(sorted(shapes), shard)})
-    return out
+    return write_checkpoint(HERE / name, config, tok, SEED)
 
 
 if __name__ == "__main__":
