@@ -2,18 +2,15 @@
 
     python -m model.bench --checkpoint DIR --workload {page,catalog} --device {cpu,cuda} --requests N
 
-Prints progress lines, then one JSON line with the figures (the last line). `--golden FIXTURE_DIR`
-also runs the reference fixtures' cases in the chosen dtype and reports how many leading greedy
-tokens agree with the float32 reference (the bf16-on-GPU acceptance check).
+Prints progress lines, then one JSON line with the figures (the last line). The bf16-on-GPU
+acceptance check (real-size tiny plus the reference fixtures) is `bench/gpu_check.py`, which calls this.
 """
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import resource
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -56,19 +53,6 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def golden_agreement(model, processor, fixture: Path, device: str) -> dict:
-    z = np.load(str(fixture) + ".golden.npz")
-    out = {}
-    for case in json.loads(str(z["meta_json"]))["cases"]:
-        conv = json.loads(str(z[f"{case}__conversation_json"]))
-        imgs = [Image.open(io.BytesIO(z[f"{case}__image{j}_png"].tobytes())) for j in range(int(z[f"{case}__num_images"]))]
-        want = z[f"{case}__gen_tokens"].tolist()
-        got = model.generate(processor(conv, imgs).to(device), max_new_tokens=len(want))[0].tolist()
-        agree = next((k for k, (a, b) in enumerate(zip(got, want)) if a != b), min(len(got), len(want)))
-        out[case] = {"agree_prefix": agree, "of": len(want)}
-    return out
-
-
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", required=True, help="local dir, s3:// URL or hub id")
@@ -80,7 +64,6 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--max-new-tokens", type=int, default=32)
     ap.add_argument("--images-per-request", type=int, default=1)
-    ap.add_argument("--golden", type=Path, default=None, help="reference fixture dir to check greedy agreement")
     args = ap.parse_args(argv)
     dtype = getattr(torch, args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32"))
     torch.manual_seed(0)
@@ -129,9 +112,6 @@ def main(argv: list[str] | None = None) -> dict:
         "generated_tokens": gen_tokens,
         "generated_tokens_per_s": round(gen_tokens / wall, 2),
     }
-    if args.golden is not None:
-        fixture_model, fixture_proc = load_pretrained(args.golden, device=args.device, dtype=dtype)
-        result["golden"] = golden_agreement(fixture_model, fixture_proc, args.golden, args.device)
     print(json.dumps(result), flush=True)
     return result
 

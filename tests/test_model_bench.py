@@ -1,21 +1,40 @@
-"""The model benchmark runs end to end on CPU and its last line is the JSON report."""
+"""The model benchmark and the GPU check run end to end on CPU; their last line is the JSON report."""
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 from model.smoke import write_smoke_checkpoint
 
+REPO = Path(__file__).resolve().parents[1]
 
-def test_bench_prints_json_report(tmp_path, fixtures_dir):
+
+def test_bench_prints_json_report(tmp_path):
     ckpt = write_smoke_checkpoint(tmp_path / "tiny", "tiny", "mini", seed=2)
     out = subprocess.run(
         [sys.executable, "-m", "model.bench", "--checkpoint", str(ckpt), "--workload", "page", "--device", "cpu",
-         "--requests", "2", "--batch-size", "2", "--max-new-tokens", "3",
-         "--golden", str(fixtures_dir / "tiny_mha-seed1")],
+         "--requests", "2", "--batch-size", "2", "--max-new-tokens", "3"],
         capture_output=True, text=True, check=True, timeout=300,
     ).stdout.strip().splitlines()
     report = json.loads(out[-1])
     assert report["requests"] == 2 and report["generated_tokens"] == 6
     assert report["generated_tokens_per_s"] > 0 and report["peak_gb"] > 0
-    # float32 on CPU is the reference setting: every golden case agrees in full
-    assert all(v["agree_prefix"] == v["of"] for v in report["golden"].values())
+
+
+def test_gpu_check_dry_run_on_cpu(tmp_path, fixtures_dir):
+    """The script a GPU session runs, here on CPU with a mini checkpoint: float32 matches the reference in full."""
+    out = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "gpu_check.py"), "--device", "cpu", "--size", "mini",
+         "--checkpoint", str(tmp_path / "tiny"), "--requests", "2", "--max-new-tokens", "2",
+         "--fixtures", str(fixtures_dir / "tiny_mha-seed1"), "--json", str(tmp_path / "r.json")],
+        capture_output=True, text=True, check=True, timeout=600,
+    ).stdout.strip().splitlines()
+    report = json.loads(out[-1])
+    assert report == json.loads((tmp_path / "r.json").read_text())
+    two = report["tiny_two_images"]
+    assert two["images_per_request"] == 2 and two["dtype"] == "bfloat16" and two["generated_tokens"] == 4
+    cases = report["fixtures"]["tiny_mha-seed1"]
+    assert len(cases) == 5
+    assert all(row["float32_agree"] == row["of"] == 8 for row in cases.values())
+    assert all(0 <= row["bfloat16_agree"] <= 8 for row in cases.values())
+    assert report["bf16_cases_agreeing_8"].endswith("/5")
