@@ -1,11 +1,9 @@
 #!/usr/bin/env bash
 # Wheels the device machine (python 3.12, no registry) lacks for bench/gpu_check.py: pydantic and its needs.
 # Run here; it also copies the reference fixtures into .fixtures (../shared does not travel). Then carry `.whl` and
-# `.fixtures` (both ignored via .git/info/exclude). See docs/model.md, "GPU check".
+# `.fixtures` (both in .gitignore). See docs/model.md, "GPU check".
 set -euo pipefail
 cd "$(dirname "$0")/.."
-mkdir -p .git/info && touch .git/info/exclude
-for d in /.whl/ /.fixtures/; do grep -qx "$d" .git/info/exclude || echo "$d" >> .git/info/exclude; done
 rm -rf .whl && mkdir .whl
 plat=()
 for p in manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_17_x86_64 manylinux2014_x86_64 manylinux1_x86_64; do
