@@ -4,9 +4,10 @@ Checkpoints and goldens: tests/data/ref-extra/ (see its README.md for how they w
   glg_softmax_mla-seed3    MoE topk_method "group_limited_greedy", softmax, n_group 4, topk_group 2
   noaux_grouped_mla-seed3  MoE "noaux_tc", sigmoid + non-zero e_score_correction_bias, n_group 4, topk_group 2
   qlora_mla-seed3          MLA with q_lora_rank 24 (q_a_proj -> q_a_layernorm -> q_b_proj)
+  yarn_mla-seed3           MLA with YaRN rope_scaling (factor 40, mscale 1.0 != mscale_all_dim 0.707)
 Three cases each: text only, one 760x380 RGB image (tiled 2x1), two images (300x200 grayscale 1x1 + 380x760 RGB 1x2).
 Float32 on CPU; gates as for the shared goldens: exact input_ids / masks / crops / greedy tokens, logits within
-atol 1e-4.  To keep the folder small the goldens keep the prompt logits at every text position, every 8th
+atol 1e-4.  To keep the folder small the goldens keep the prompt logits at every text position, every 4th
 <image> placeholder and the last position (`logits_positions`).
 """
 from __future__ import annotations
@@ -23,7 +24,7 @@ from PIL import Image
 from model import load_pretrained
 
 DATA = Path(__file__).parent / "data" / "ref-extra"
-CHECKPOINTS = ["glg_softmax_mla-seed3", "noaux_grouped_mla-seed3", "qlora_mla-seed3"]
+CHECKPOINTS = ["glg_softmax_mla-seed3", "noaux_grouped_mla-seed3", "qlora_mla-seed3", "yarn_mla-seed3"]
 CASES = ["text_only", "single_760x380_rgb", "two_images_gray_tall"]
 ATOL = 1e-4
 
@@ -64,6 +65,11 @@ def test_checkpoint_options_are_the_intended_ones():
     assert len(biases) == 2 and all(np.abs(b).min() > 0 for b in biases)
     ql = lang("qlora_mla-seed3")
     assert ql["q_lora_rank"] == 24 and ql.get("use_mla", True)
+    yarn = lang("yarn_mla-seed3")
+    rs = yarn["rope_scaling"]
+    assert (rs["type"], rs["factor"], rs["original_max_position_embeddings"]) == ("yarn", 40, 4096)
+    assert rs["mscale"] != rs["mscale_all_dim"] and rs["mscale_all_dim"] > 0  # both yarn factors in play
+    assert yarn["q_lora_rank"] is None and yarn.get("use_mla", True)
 
 
 @pytest.mark.parametrize("case", CASES)

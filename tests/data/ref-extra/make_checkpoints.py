@@ -1,4 +1,4 @@
-"""Regenerate the three extra random-weight checkpoints in this folder (official DeepSeek-VL2 layout).
+"""Regenerate the four extra random-weight checkpoints in this folder (official DeepSeek-VL2 layout).
 
     cd /work/main && .venv/bin/python tests/data/ref-extra/make_checkpoints.py
 
@@ -36,6 +36,14 @@ CHECKPOINTS = {
     # (c) MLA with a low-rank query (q_a_proj -> q_a_layernorm -> q_b_proj), q_lora_rank 24; greedy top-3 of 8.
     "qlora_mla-seed3": ("small", dict(
         _COMMON, q_lora_rank=24, n_routed_experts=8, num_experts_per_tok=3, topk_method="greedy")),
+    # (d) MLA with YaRN RoPE scaling (DeepSeek-V2 style values; mscale != mscale_all_dim, so both the cos/sin
+    #     factor and the softmax-scale factor are in play); max_position_embeddings = factor * original, as
+    #     the released V2 configs have it (the reference only uses it for its initial cos/sin cache length).
+    #     Greedy softmax top-3 of 8, q_lora_rank null.
+    "yarn_mla-seed3": ("small", dict(
+        _COMMON, n_routed_experts=8, num_experts_per_tok=3, topk_method="greedy", max_position_embeddings=163840,
+        rope_scaling={"type": "yarn", "factor": 40, "original_max_position_embeddings": 4096, "beta_fast": 32,
+                      "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 0.707})),
 }
 VISION = {"width": 32, "heads": 4, "layers": 2}
 
