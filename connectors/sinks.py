@@ -1,6 +1,7 @@
 """Where output rows go: a Parquet directory (local or S3), SQLite or PostgreSQL.
 
-All sinks upsert on `id` (last write wins) and answer `done_ids` for resume.
+All sinks upsert on `id` (last write wins) and answer `done_ids` for resume. A Parquet directory
+appends part files (the newest part wins) until `compact()` drops the rows that newer parts supersede.
 """
 
 import io
@@ -10,12 +11,13 @@ import re
 import sqlite3
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from botocore.exceptions import BotoCoreError, ClientError
 
@@ -28,12 +30,14 @@ log = logging.getLogger(__name__)
 
 _TABLE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
 _DONE_COLUMNS = ["id", "status"]
+P = TypeVar("P")  # a part: a local Path or an S3 key
 
 
 class Sink(Protocol):
     def done_ids(self, include_errors: bool = False) -> set[str]: ...
     def write(self, rows: list[dict]) -> None: ...
     def close(self) -> None: ...
+    def compact(self) -> int: ...
 
 
 def validate_table_name(table: str) -> str:
@@ -101,11 +105,36 @@ def _is_part(name: str) -> bool:
     return name.endswith(".parquet") and not name.startswith((".", "_"))
 
 
+def _drop_superseded(parts: list[P], ids_of: Callable[[P], list[str]], rewrite: Callable[[P, set[str]], None]) -> int:
+    """Rewrite each part (`parts` oldest first) without the ids a newer part also holds; return how many changed.
+
+    Only rows that a newer part supersedes are dropped and each rewrite replaces its part atomically, so a
+    crash at any point loses nothing, "newest part wins" keeps reading right, and a second call finishes.
+    """
+    newer: set[str] = set()
+    changed = 0
+    for part in reversed(parts):
+        ids = ids_of(part)
+        if stale := newer.intersection(ids):
+            rewrite(part, stale)
+            changed += 1
+        newer.update(ids)
+    return changed
+
+
+def _without(table: pa.Table, ids: set[str]) -> pa.Table:
+    return table.filter(pc.invert(pc.is_in(table.column("id"), value_set=pa.array(list(ids), pa.string()))))
+
+
 class _Closes:
     """`with open_sink(dst) as sink:` closes the sink however the block ends."""
 
     def close(self) -> None:  # pragma: no cover - every sink defines its own
         raise NotImplementedError
+
+    def compact(self) -> int:
+        """SQL sinks upsert, so they never hold superseded rows; the Parquet sinks override this."""
+        return 0
 
     def __enter__(self) -> "_Closes":
         return self
@@ -119,6 +148,7 @@ class LocalParquetSink(_Closes):
 
     def __init__(self, root: str) -> None:
         self.root = Path(root)
+        self._fresh: bool | None = None  # no parts before our first write: then compact() has nothing to drop
         try:
             self.root.mkdir(parents=True, exist_ok=True)
         except OSError as e:
@@ -138,12 +168,30 @@ class LocalParquetSink(_Closes):
         rows = _validated(rows)
         if not rows:
             return
-        final = self.root / _part_name()
+        if self._fresh is None:
+            self._fresh = not self._parts()
+        self._put(self.root / _part_name(), _table(rows))
+
+    def compact(self) -> int:
+        """Leave one row per id (the newest) by rewriting older parts in place; skipped if we made the output."""
+        if self._fresh:
+            return 0
+        return _drop_superseded(self._parts(), lambda p: pq.read_table(p, columns=["id"]).column("id").to_pylist(),
+                                self._rewrite)
+
+    def _rewrite(self, part: Path, stale: set[str]) -> None:
+        kept = _without(pq.read_table(part), stale)
+        if kept.num_rows:
+            self._put(part, kept)
+        else:
+            part.unlink()
+
+    def _put(self, final: Path, table: pa.Table) -> None:
         # Dot-prefixed: Arrow, Spark and our done_ids all skip hidden files, so a crash leaves nothing visible.
         tmp = final.with_name("." + final.name + ".tmp")
         try:
             with open(tmp, "wb") as fh:
-                pq.write_table(_table(rows), fh)
+                pq.write_table(table, fh)
                 fh.flush()
                 os.fsync(fh.fileno())
             os.replace(tmp, final)
@@ -163,6 +211,7 @@ class S3ParquetSink(_Closes):
         self.bucket, prefix = split_s3_url(self.url)
         self.prefix = prefix + "/" if prefix else ""
         self.client = s3_client(s3)
+        self._fresh: bool | None = None  # no parts before our first write: then compact() has nothing to drop
 
     def _parts(self) -> list[str]:
         keys: list[str] = []
@@ -176,14 +225,17 @@ class S3ParquetSink(_Closes):
             raise SinkError(redact(f"{self.url}: cannot list output: {e}")) from None
         return sorted(keys)
 
+    def _read(self, key: str, columns: list[str] | None = None) -> pa.Table:
+        try:
+            body = self.client.get_object(Bucket=self.bucket, Key=key)["Body"].read()
+        except (ClientError, BotoCoreError) as e:
+            raise SinkError(redact(f"s3://{self.bucket}/{key}: cannot read: {e}")) from None
+        return pq.read_table(io.BytesIO(body), columns=columns)
+
     def done_ids(self, include_errors: bool = False) -> set[str]:
         pairs: list[tuple[str, str]] = []
         for key in self._parts():
-            try:
-                body = self.client.get_object(Bucket=self.bucket, Key=key)["Body"].read()
-            except (ClientError, BotoCoreError) as e:
-                raise SinkError(redact(f"s3://{self.bucket}/{key}: cannot read: {e}")) from None
-            t = pq.read_table(io.BytesIO(body), columns=_DONE_COLUMNS)
+            t = self._read(key, _DONE_COLUMNS)
             pairs.extend(zip(t.column("id").to_pylist(), t.column("status").to_pylist()))
         return _done(pairs, include_errors)
 
@@ -191,9 +243,29 @@ class S3ParquetSink(_Closes):
         rows = _validated(rows)
         if not rows:
             return
+        if self._fresh is None:
+            self._fresh = not self._parts()
+        self._put(self.prefix + _part_name(), _table(rows))
+
+    def compact(self) -> int:
+        """Leave one row per id (the newest) by rewriting older parts in place; skipped if we made the output."""
+        if self._fresh:
+            return 0
+        return _drop_superseded(self._parts(), lambda k: self._read(k, ["id"]).column("id").to_pylist(), self._rewrite)
+
+    def _rewrite(self, key: str, stale: set[str]) -> None:
+        kept = _without(self._read(key), stale)
+        if kept.num_rows:
+            self._put(key, kept)  # a PUT over the same key is atomic
+            return
+        try:
+            self.client.delete_object(Bucket=self.bucket, Key=key)
+        except (ClientError, BotoCoreError) as e:
+            raise SinkError(redact(f"s3://{self.bucket}/{key}: cannot delete: {e}")) from None
+
+    def _put(self, key: str, table: pa.Table) -> None:
         buf = io.BytesIO()
-        pq.write_table(_table(rows), buf)
-        key = self.prefix + _part_name()
+        pq.write_table(table, buf)
         try:
             self.client.put_object(Bucket=self.bucket, Key=key, Body=buf.getvalue())
         except (ClientError, BotoCoreError) as e:

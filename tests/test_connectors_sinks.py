@@ -1,5 +1,6 @@
 """connectors.sinks: Parquet (local, S3), SQLite and the real PostgreSQL on 127.0.0.1:5432."""
 
+import io
 import os
 import sqlite3
 import uuid
@@ -100,6 +101,161 @@ def test_s3_parquet(s3_endpoint):
     keys = [o["Key"] for o in client.list_objects_v2(Bucket="results")["Contents"]]
     assert sum(k.startswith("run1/part-") and k.endswith(".parquet") for k in keys) == 3
     assert open_sink("s3://results/run1").done_ids() == {"b", "c", "d"}
+
+
+def _rerun_over_errors(open_out):
+    """Run 1 leaves error rows; run 2 retries them into newer parts. Returns run 2's sink, not yet compacted.
+
+    Parts, oldest first: P1 [a err, b, c err], P2 [d err], P3 [f], P4 [a, c], P5 [d].
+    """
+    first = open_out()
+    first.write([row("a", "error"), row("b"), row("c", "error")])
+    first.write([row("d", "error")])
+    first.write([row("f")])
+    first.close()
+    second = open_out()
+    assert second.done_ids() == {"b", "f"}
+    second.write([row("a"), row("c")])
+    second.write([row("d")])
+    return second
+
+
+def _ids_and_status(t) -> list[tuple[str, str]]:
+    return sorted(zip(t.column("id").to_pylist(), t.column("status").to_pylist()))
+
+
+ALL_OK = [(i, "ok") for i in "abcdf"]
+
+
+def test_local_compact_keeps_only_the_newest_row_per_id(tmp_path: Path):
+    out = tmp_path / "out"
+    sink = _rerun_over_errors(lambda: open_sink(str(out)))
+    p1, p2, p3, p4, p5 = sorted(out.glob("part-*.parquet"))
+    assert pq.read_table(out).num_rows == 8  # before: the old error rows are still visible to readers
+
+    def untouched() -> dict:
+        return {p.name: (p.stat().st_ino, p.stat().st_mtime_ns, p.read_bytes()) for p in (p3, p4, p5)}
+
+    before, b_row = untouched(), pq.read_table(p1).to_pylist()[1]
+    assert sink.compact() == 2
+    assert sorted(p.name for p in out.iterdir()) == [p1.name, p3.name, p4.name, p5.name]  # P2 emptied, no temp left
+    assert pq.read_table(p1).to_pylist() == [b_row]  # rewritten in place with its one current row
+    assert untouched() == before  # same inode, mtime and bytes: never rewritten
+    t = pq.read_table(out)
+    assert t.schema.equals(ROW_ARROW_SCHEMA) and _ids_and_status(t) == ALL_OK
+    assert sink.compact() == 0 and open_sink(str(out)).compact() == 0
+
+
+def test_s3_compact_keeps_only_the_newest_row_per_id(s3_endpoint):
+    client = boto3.client("s3")
+    client.create_bucket(Bucket="results")
+    sink = _rerun_over_errors(lambda: open_sink("s3://results/run1"))
+
+    def objects() -> dict[str, str]:
+        return {o["Key"]: o["ETag"] for o in client.list_objects_v2(Bucket="results")["Contents"]}
+
+    k1, k2, k3, k4, k5 = keys = sorted(objects())
+    before = objects()
+    puts: list[str] = []
+    real_put = sink.client.put_object
+    with pytest.MonkeyPatch.context() as mp:  # the client is cached and shared: patch it for this call only
+        mp.setattr(sink.client, "put_object", lambda **kw: puts.append(kw["Key"]) or real_put(**kw))
+        assert sink.compact() == 2
+    assert puts == [k1] and sorted(objects()) == [k1, k3, k4, k5]  # P1 rewritten, P2 deleted, the rest untouched
+    assert {k: objects()[k] for k in (k3, k4, k5)} == {k: before[k] for k in (k3, k4, k5)}
+    assert objects()[k1] != before[k1]
+    rows = []
+    for k in sorted(objects()):
+        rows += pq.read_table(io.BytesIO(client.get_object(Bucket="results", Key=k)["Body"].read())).to_pylist()
+    assert sorted((r["id"], r["status"]) for r in rows) == ALL_OK
+    assert open_sink("s3://results/run1").compact() == 0 and len(keys) == 5
+
+
+def test_compact_of_an_output_this_sink_created_reads_nothing(tmp_path: Path, monkeypatch):
+    sink = open_sink(str(tmp_path / "out"))
+    sink.write([row("a")])
+    sink.write([row("b")])
+
+    def no_reads(*a, **kw):
+        raise AssertionError("a fresh output must not be scanned")
+
+    monkeypatch.setattr("connectors.sinks.pq.read_table", no_reads)
+    assert sink.compact() == 0
+
+
+def test_next_run_compacts_what_a_killed_run_left(tmp_path: Path):
+    out = str(tmp_path)
+    open_sink(out).write([row("a", "error"), row("b")])
+    open_sink(out).write([row("a")])  # a --retry-errors run killed before its compact
+    assert pq.read_table(out).num_rows == 3
+    rerun = open_sink(out)  # finds nothing to do, writes nothing, still compacts
+    assert rerun.done_ids(include_errors=True) == {"a", "b"}
+    assert rerun.compact() == 1
+    assert _ids_and_status(pq.read_table(out)) == [("a", "ok"), ("b", "ok")]
+
+
+def test_local_compact_crash_midway_loses_nothing_and_a_rerun_finishes(tmp_path: Path, monkeypatch):
+    out = str(tmp_path)
+    first = open_sink(out)
+    first.write([row("a", "error"), row("x")])
+    first.write([row("b", "error"), row("y")])
+    second = open_sink(out)
+    second.write([row("a"), row("b")])
+    real_replace, replaced = os.replace, []
+
+    def replace_once(src, dst):
+        if replaced:
+            raise KeyboardInterrupt("killed mid-compact")
+        replaced.append(dst)
+        real_replace(src, dst)
+
+    monkeypatch.setattr("connectors.sinks.os.replace", replace_once)
+    with pytest.raises(KeyboardInterrupt):
+        second.compact()
+    monkeypatch.undo()
+    assert len(replaced) == 1 and not list(tmp_path.glob(".*"))  # one part rewritten, the temp file removed
+    t = pq.read_table(out)  # nothing lost: only b's superseded row is gone so far
+    assert _ids_and_status(t) == [("a", "error"), ("a", "ok"), ("b", "ok"), ("x", "ok"), ("y", "ok")]
+    assert open_sink(out).done_ids() == {"a", "b", "x", "y"}  # and the newest part still wins
+    assert open_sink(out).compact() == 1
+    assert _ids_and_status(pq.read_table(out)) == [(i, "ok") for i in "abxy"]
+
+
+def test_s3_compact_crash_midway_loses_nothing_and_a_rerun_finishes(s3_endpoint):
+    client = boto3.client("s3")
+    client.create_bucket(Bucket="results")
+    url = "s3://results/out"
+    first = open_sink(url)
+    first.write([row("a", "error"), row("x")])
+    first.write([row("b", "error"), row("y")])
+    second = open_sink(url)
+    second.write([row("a"), row("b")])
+    real_put, puts = second.client.put_object, []
+
+    def put_once(**kw):
+        if puts:
+            raise KeyboardInterrupt("killed mid-compact")
+        puts.append(kw["Key"])
+        return real_put(**kw)
+
+    with pytest.MonkeyPatch.context() as mp, pytest.raises(KeyboardInterrupt):
+        mp.setattr(second.client, "put_object", put_once)  # the client is cached and shared
+        second.compact()
+    assert len(puts) == 1
+    assert open_sink(url).done_ids() == {"a", "b", "x", "y"}
+    assert open_sink(url).done_ids(include_errors=True) == {"a", "b", "x", "y"}
+    assert open_sink(url).compact() == 1
+    keys = [o["Key"] for o in client.list_objects_v2(Bucket="results")["Contents"]]
+    rows = [r for k in keys
+            for r in pq.read_table(io.BytesIO(client.get_object(Bucket="results", Key=k)["Body"].read())).to_pylist()]
+    assert sorted((r["id"], r["status"]) for r in rows) == [(i, "ok") for i in "abxy"]
+
+
+def test_sql_sinks_have_nothing_to_compact(tmp_path: Path):
+    sink = open_sink(f"sqlite:///{tmp_path}/x.db")
+    sink.write([row("a", "error")])
+    sink.write([row("a")])
+    assert sink.compact() == 0 and sink.done_ids() == {"a"}
 
 
 def test_sqlite_relative_and_absolute(tmp_path: Path, monkeypatch):
