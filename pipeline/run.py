@@ -145,6 +145,9 @@ def run_job(config: JobConfig, *, quiet: bool = False) -> Summary:
                         sheet.add(row, thumb)
         except ray.exceptions.RayTaskError as e:
             raise _unwrap(e) from None
+        # Parquet: drop rows that this run's parts supersede (e.g. retried errors), one row per id.
+        # Only after a complete run; a killed run's leftovers are dropped by the next run's compact.
+        sink.compact()
         summary = tally.summary(config, wall_s=time.perf_counter() - t0, smoke=smoke,
                                 prior_done=len(done), contact_sheet=str(sheet.path) if sheet else None)
     finally:

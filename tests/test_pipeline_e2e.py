@@ -157,6 +157,9 @@ def test_mixed_corrupt_set_gives_one_error_row_per_bad_file(ray_session, tmp_pat
     s3 = run_job(config.model_copy(update={"retry_errors": True}))
     assert (s3.items_failed, s3.items_skipped) == (4, 3)
     assert len(read_rows(config.output)) == 7
+    # the retried error rows replaced the old ones: any reader of the directory sees one row per id
+    ids = pq.read_table(config.output).column("id").to_pylist()
+    assert len(ids) == len(set(ids)) == 7
 
 
 def test_model_actor_dies_mid_run_and_nothing_is_lost(ray_session, tmp_path, monkeypatch):
