@@ -148,7 +148,6 @@ class LocalParquetSink(_Closes):
 
     def __init__(self, root: str) -> None:
         self.root = Path(root)
-        self._fresh: bool | None = None  # no parts before our first write: then compact() has nothing to drop
         try:
             self.root.mkdir(parents=True, exist_ok=True)
         except OSError as e:
@@ -168,14 +167,13 @@ class LocalParquetSink(_Closes):
         rows = _validated(rows)
         if not rows:
             return
-        if self._fresh is None:
-            self._fresh = not self._parts()
         self._put(self.root / _part_name(), _table(rows))
 
     def compact(self) -> int:
-        """Leave one row per id (the newest) by rewriting older parts in place; skipped if we made the output."""
-        if self._fresh:
-            return 0
+        """Leave one row per id (the newest) by rewriting older parts in place.
+
+        Also on an output this run created: identical inputs share an id and may land in different parts.
+        """
         return _drop_superseded(self._parts(), lambda p: pq.read_table(p, columns=["id"]).column("id").to_pylist(),
                                 self._rewrite)
 
@@ -211,7 +209,6 @@ class S3ParquetSink(_Closes):
         self.bucket, prefix = split_s3_url(self.url)
         self.prefix = prefix + "/" if prefix else ""
         self.client = s3_client(s3)
-        self._fresh: bool | None = None  # no parts before our first write: then compact() has nothing to drop
 
     def _parts(self) -> list[str]:
         keys: list[str] = []
@@ -243,14 +240,13 @@ class S3ParquetSink(_Closes):
         rows = _validated(rows)
         if not rows:
             return
-        if self._fresh is None:
-            self._fresh = not self._parts()
         self._put(self.prefix + _part_name(), _table(rows))
 
     def compact(self) -> int:
-        """Leave one row per id (the newest) by rewriting older parts in place; skipped if we made the output."""
-        if self._fresh:
-            return 0
+        """Leave one row per id (the newest) by rewriting older parts in place.
+
+        Also on an output this run created: identical inputs share an id and may land in different parts.
+        """
         return _drop_superseded(self._parts(), lambda k: self._read(k, ["id"]).column("id").to_pylist(), self._rewrite)
 
     def _rewrite(self, key: str, stale: set[str]) -> None:

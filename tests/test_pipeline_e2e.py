@@ -66,6 +66,17 @@ def test_folder_to_parquet_then_resume(ray_session, tmp_path):
     assert len(read_rows(str(out))) == n
 
 
+def test_identical_files_give_one_parquet_row(ray_session, tmp_path):
+    """Ids are content hashes: the same image under two names, in different batches, is one row."""
+    (tmp_path / "in").mkdir()
+    for name, i in (("a.png", 0), ("b.png", 1), ("c.png", 2), ("d.png", 3), ("z-copy-of-a.png", 0)):
+        (tmp_path / "in" / name).write_bytes(image_bytes(i))
+    out = tmp_path / "out"
+    run_job(cfg(str(tmp_path / "in"), str(out), cpu_batch_size=1, model_batch_size=1))
+    ids = pq.read_table(str(out)).column("id").to_pylist()
+    assert len(ids) == len(set(ids)) == 4
+
+
 def test_folder_to_sqlite_with_page_range(ray_session, tmp_path):
     make_folder(tmp_path / "in", n_images=1, pdf_pages=4)
     db = tmp_path / "o" / "rows.db"
