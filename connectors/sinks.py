@@ -11,10 +11,10 @@ import re
 import sqlite3
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Protocol, TypeVar
+from typing import Protocol
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -30,7 +30,6 @@ log = logging.getLogger(__name__)
 
 _TABLE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
 _DONE_COLUMNS = ["id", "status"]
-P = TypeVar("P")  # a part: a local Path or an S3 key
 
 
 class Sink(Protocol):
@@ -105,23 +104,6 @@ def _is_part(name: str) -> bool:
     return name.endswith(".parquet") and not name.startswith((".", "_"))
 
 
-def _drop_superseded(parts: list[P], ids_of: Callable[[P], list[str]], rewrite: Callable[[P, set[str]], None]) -> int:
-    """Rewrite each part (`parts` oldest first) without the ids a newer part also holds; return how many changed.
-
-    Only rows that a newer part supersedes are dropped and each rewrite replaces its part atomically, so a
-    crash at any point loses nothing, "newest part wins" keeps reading right, and a second call finishes.
-    """
-    newer: set[str] = set()
-    changed = 0
-    for part in reversed(parts):
-        ids = ids_of(part)
-        if stale := newer.intersection(ids):
-            rewrite(part, stale)
-            changed += 1
-        newer.update(ids)
-    return changed
-
-
 def _without(table: pa.Table, ids: set[str]) -> pa.Table:
     return table.filter(pc.invert(pc.is_in(table.column("id"), value_set=pa.array(list(ids), pa.string()))))
 
@@ -143,8 +125,51 @@ class _Closes:
         self.close()
 
 
-class LocalParquetSink(_Closes):
-    """Each `write` is one new part file, written as `.tmp` and renamed, so readers never see half a file."""
+class _ParquetSink(_Closes):
+    """One part file per `write`; the newest part wins until `compact()` drops the rows it supersedes.
+
+    Subclasses say where parts live: `_parts` (oldest first), `_new_part`, `_read`, `_put` (atomic), `_delete`.
+    """
+
+    def done_ids(self, include_errors: bool = False) -> set[str]:
+        pairs: list[tuple[str, str]] = []
+        for part in self._parts():
+            t = self._read(part, _DONE_COLUMNS)
+            pairs.extend(zip(t.column("id").to_pylist(), t.column("status").to_pylist()))
+        return _done(pairs, include_errors)
+
+    def write(self, rows: list[dict]) -> None:
+        rows = _validated(rows)
+        if rows:
+            self._put(self._new_part(), _table(rows))
+
+    def compact(self) -> int:
+        """Leave one row per id (the newest) by rewriting older parts in place; return how many changed.
+
+        Also on an output this run created: identical inputs share an id and may land in different parts.
+        Only rows a newer part supersedes are dropped and each rewrite replaces its part atomically, so a
+        crash at any point loses nothing, "newest part wins" keeps reading right, and a second call finishes.
+        """
+        newer: set[str] = set()
+        changed = 0
+        for part in reversed(self._parts()):
+            ids = self._read(part, ["id"]).column("id").to_pylist()
+            if stale := newer.intersection(ids):
+                kept = _without(self._read(part), stale)
+                if kept.num_rows:
+                    self._put(part, kept)
+                else:
+                    self._delete(part)
+                changed += 1
+            newer.update(ids)
+        return changed
+
+    def close(self) -> None:
+        pass
+
+
+class LocalParquetSink(_ParquetSink):
+    """Each part is written as a dot-prefixed `.tmp` and renamed, so readers never see half a file."""
 
     def __init__(self, root: str) -> None:
         self.root = Path(root)
@@ -156,33 +181,11 @@ class LocalParquetSink(_Closes):
     def _parts(self) -> list[Path]:
         return sorted(p for p in self.root.iterdir() if p.is_file() and _is_part(p.name))
 
-    def done_ids(self, include_errors: bool = False) -> set[str]:
-        pairs: list[tuple[str, str]] = []
-        for p in self._parts():
-            t = pq.read_table(p, columns=_DONE_COLUMNS)
-            pairs.extend(zip(t.column("id").to_pylist(), t.column("status").to_pylist()))
-        return _done(pairs, include_errors)
+    def _new_part(self) -> Path:
+        return self.root / _part_name()
 
-    def write(self, rows: list[dict]) -> None:
-        rows = _validated(rows)
-        if not rows:
-            return
-        self._put(self.root / _part_name(), _table(rows))
-
-    def compact(self) -> int:
-        """Leave one row per id (the newest) by rewriting older parts in place.
-
-        Also on an output this run created: identical inputs share an id and may land in different parts.
-        """
-        return _drop_superseded(self._parts(), lambda p: pq.read_table(p, columns=["id"]).column("id").to_pylist(),
-                                self._rewrite)
-
-    def _rewrite(self, part: Path, stale: set[str]) -> None:
-        kept = _without(pq.read_table(part), stale)
-        if kept.num_rows:
-            self._put(part, kept)
-        else:
-            part.unlink()
+    def _read(self, part: Path, columns: list[str] | None = None) -> pa.Table:
+        return pq.read_table(part, columns=columns)
 
     def _put(self, final: Path, table: pa.Table) -> None:
         # Dot-prefixed: Arrow, Spark and our done_ids all skip hidden files, so a crash leaves nothing visible.
@@ -197,12 +200,12 @@ class LocalParquetSink(_Closes):
             tmp.unlink(missing_ok=True)
             raise
 
-    def close(self) -> None:
-        pass
+    def _delete(self, part: Path) -> None:
+        part.unlink()
 
 
-class S3ParquetSink(_Closes):
-    """Each `write` is one `put_object` of a whole part: an S3 PUT is atomic, so no temp key is needed."""
+class S3ParquetSink(_ParquetSink):
+    """Each part is one `put_object`: an S3 PUT (also over an existing key) is atomic, so no temp key is needed."""
 
     def __init__(self, url: str, s3: S3Options | None = None) -> None:
         self.url = url.rstrip("/")
@@ -222,42 +225,15 @@ class S3ParquetSink(_Closes):
             raise SinkError(redact(f"{self.url}: cannot list output: {e}")) from None
         return sorted(keys)
 
+    def _new_part(self) -> str:
+        return self.prefix + _part_name()
+
     def _read(self, key: str, columns: list[str] | None = None) -> pa.Table:
         try:
             body = self.client.get_object(Bucket=self.bucket, Key=key)["Body"].read()
         except (ClientError, BotoCoreError) as e:
             raise SinkError(redact(f"s3://{self.bucket}/{key}: cannot read: {e}")) from None
         return pq.read_table(io.BytesIO(body), columns=columns)
-
-    def done_ids(self, include_errors: bool = False) -> set[str]:
-        pairs: list[tuple[str, str]] = []
-        for key in self._parts():
-            t = self._read(key, _DONE_COLUMNS)
-            pairs.extend(zip(t.column("id").to_pylist(), t.column("status").to_pylist()))
-        return _done(pairs, include_errors)
-
-    def write(self, rows: list[dict]) -> None:
-        rows = _validated(rows)
-        if not rows:
-            return
-        self._put(self.prefix + _part_name(), _table(rows))
-
-    def compact(self) -> int:
-        """Leave one row per id (the newest) by rewriting older parts in place.
-
-        Also on an output this run created: identical inputs share an id and may land in different parts.
-        """
-        return _drop_superseded(self._parts(), lambda k: self._read(k, ["id"]).column("id").to_pylist(), self._rewrite)
-
-    def _rewrite(self, key: str, stale: set[str]) -> None:
-        kept = _without(self._read(key), stale)
-        if kept.num_rows:
-            self._put(key, kept)  # a PUT over the same key is atomic
-            return
-        try:
-            self.client.delete_object(Bucket=self.bucket, Key=key)
-        except (ClientError, BotoCoreError) as e:
-            raise SinkError(redact(f"s3://{self.bucket}/{key}: cannot delete: {e}")) from None
 
     def _put(self, key: str, table: pa.Table) -> None:
         buf = io.BytesIO()
@@ -267,8 +243,11 @@ class S3ParquetSink(_Closes):
         except (ClientError, BotoCoreError) as e:
             raise SinkError(redact(f"s3://{self.bucket}/{key}: cannot write: {e}")) from None
 
-    def close(self) -> None:
-        pass
+    def _delete(self, key: str) -> None:
+        try:
+            self.client.delete_object(Bucket=self.bucket, Key=key)
+        except (ClientError, BotoCoreError) as e:
+            raise SinkError(redact(f"s3://{self.bucket}/{key}: cannot delete: {e}")) from None
 
 
 # ---------------------------------------------------------------- SQL
