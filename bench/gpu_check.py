@@ -58,8 +58,7 @@ def _gaps(gen_logits: np.ndarray) -> list[float]:
 def fixture_agreement(fixture: Path, device: str) -> dict:
     """Greedy tokens per case in fp32, bf16 and fp32-on-bf16-rounded-weights, against the reference."""
     z = np.load(str(fixture) + ".golden.npz")
-    cases = json.loads(str(z["meta_json"]))["cases"]
-    cases = [c if isinstance(c, str) else c["name"] for c in cases]
+    cases: list[str] = json.loads(str(z["meta_json"]))["cases"]
     inputs, want, gaps = {}, {}, {}
     for case in cases:
         conv = json.loads(str(z[f"{case}__conversation_json"]))
