@@ -20,6 +20,9 @@ _WHERE = {
     "Processor": ".processor",
     "PreparedInput": ".processor",
     "BatchInputs": ".processor",
+    "Engine": ".engine",
+    "Result": ".engine",
+    "SamplingParams": ".sampling",
 }
 __all__ = list(_WHERE)
 

@@ -101,10 +101,6 @@ class LayerCache:
     b: torch.Tensor
 
 
-def _attend(q, k, v, mask, scale):
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
-
-
 class MHAttention(nn.Module):
     """LlamaAttention as the tiny model uses it: head_dim = hidden / heads, NeoX RoPE."""
 
@@ -122,22 +118,46 @@ class MHAttention(nn.Module):
         shape = (batch, self.kv_heads, length, self.head_dim)
         return LayerCache(torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype))
 
-    def forward(self, x, positions, mask, cache: LayerCache | None, start: int):
+    def project(self, x: torch.Tensor, positions: torch.Tensor):
+        """x [B,q,H] -> q [B,H,q,D] and the cache entries (k, v), each [B,kv_heads,q,D], roped."""
         b, q_len, _ = x.shape
         q = self.q_proj(x).view(b, q_len, self.heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(b, q_len, self.kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(b, q_len, self.kv_heads, self.head_dim).transpose(1, 2)
         cos, sin = self.rotary(positions, q.dtype)
-        q, k = apply_rope(q, cos, sin, False), apply_rope(k, cos, sin, False)
+        return apply_rope(q, cos, sin, False), (apply_rope(k, cos, sin, False), v)
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask=None, is_causal: bool = False):
+        """q [B,H,q,D]; k, v [B,kv_heads,kv,D] -> attention output projected [B,q,hidden]."""
+        if self.kv_heads != self.heads:
+            k = k.repeat_interleave(self.heads // self.kv_heads, dim=1)
+            v = v.repeat_interleave(self.heads // self.kv_heads, dim=1)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=self.head_dim**-0.5)
+        return self.o_proj(y.transpose(1, 2).reshape(q.shape[0], q.shape[2], -1))
+
+    # the engine's paged cache stores one entry per token: k and v, each [kv_heads, D]
+    def entry_shapes(self) -> tuple[tuple[int, ...], ...]:
+        return (self.kv_heads, self.head_dim), (self.kv_heads, self.head_dim)
+
+    @staticmethod
+    def token_entries(entries: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        """`project`'s entries for B=1 -> per-token rows [q, kv_heads, D]."""
+        return tuple(e[0].transpose(0, 1) for e in entries)
+
+    @staticmethod
+    def kv_from_tokens(entries: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Gathered per-token rows [G, L, kv_heads, D] -> attention's (k, v) [G, kv_heads, L, D]."""
+        k, v = entries
+        return k.transpose(1, 2), v.transpose(1, 2)
+
+    def forward(self, x, positions, mask, cache: LayerCache | None, start: int):
+        q, (k, v) = self.project(x, positions)
+        q_len = x.shape[1]
         if cache is not None:
             cache.a[:, :, start : start + q_len] = k
             cache.b[:, :, start : start + q_len] = v
             k, v = cache.a[:, :, : start + q_len], cache.b[:, :, : start + q_len]
-        if self.kv_heads != self.heads:
-            k = k.repeat_interleave(self.heads // self.kv_heads, dim=1)
-            v = v.repeat_interleave(self.heads // self.kv_heads, dim=1)
-        y = _attend(q, k, v, mask, self.head_dim**-0.5)
-        return self.o_proj(y.transpose(1, 2).reshape(b, q_len, -1))
+        return self.attend(q, k, v, mask)
 
 
 class MLAttention(nn.Module):
@@ -172,7 +192,9 @@ class MLAttention(nn.Module):
             torch.zeros(batch, length, self.rope, device=device, dtype=dtype),
         )
 
-    def forward(self, x, positions, mask, cache: LayerCache | None, start: int):
+    def project(self, x: torch.Tensor, positions: torch.Tensor):
+        """x [B,q,H] -> the absorbed query [B,H,q,rank+rope] and the cache entries (latent [B,q,rank],
+        roped k_pe [B,q,rope])."""
         b, q_len, _ = x.shape
         if hasattr(self, "q_proj"):
             q = self.q_proj(x)
@@ -185,17 +207,42 @@ class MLAttention(nn.Module):
         cos, sin = self.rotary(positions, q.dtype)
         q_pe = apply_rope(q_pe, cos, sin, True)
         k_pe = apply_rope(k_pe[:, None], cos, sin, True)[:, 0]
+        w = self.kv_b_proj.weight.view(self.heads, self.nope + self.v_dim, self.rank)
+        q_lat = q_nope @ w[:, : self.nope]  # [B,H,q,rank]
+        return torch.cat([q_lat, q_pe], dim=-1), (latent, k_pe)
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask=None, is_causal: bool = False):
+        """q [B,H,q,rank+rope]; k [B,1,kv,rank+rope]; v [B,1,kv,rank] (one latent head shared by all)."""
+        b, h = q.shape[0], self.heads
+        k, v = k.expand(b, h, -1, -1), v.expand(b, h, -1, -1)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=self.scale)
+        w = self.kv_b_proj.weight.view(self.heads, self.nope + self.v_dim, self.rank)
+        y = y @ w[:, self.nope :].transpose(1, 2)  # [B,H,q,v_dim]
+        return self.o_proj(y.transpose(1, 2).reshape(b, q.shape[2], -1))
+
+    # the engine's paged cache stores one entry per token: the latent [rank] and the roped k_pe [rope]
+    def entry_shapes(self) -> tuple[tuple[int, ...], ...]:
+        return (self.rank,), (self.rope,)
+
+    @staticmethod
+    def token_entries(entries: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        return tuple(e[0] for e in entries)
+
+    @staticmethod
+    def kv_from_tokens(entries: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(latent [G,L,rank], k_pe [G,L,rope]) -> attention's (k, v) with one latent head shared by all."""
+        latent, k_pe = entries
+        return torch.cat([latent, k_pe], dim=-1)[:, None], latent[:, None]
+
+    def forward(self, x, positions, mask, cache: LayerCache | None, start: int):
+        q, (latent, k_pe) = self.project(x, positions)
+        q_len = x.shape[1]
         if cache is not None:
             cache.a[:, start : start + q_len] = latent
             cache.b[:, start : start + q_len] = k_pe
             latent, k_pe = cache.a[:, : start + q_len], cache.b[:, : start + q_len]
-        w = self.kv_b_proj.weight.view(self.heads, self.nope + self.v_dim, self.rank)
-        q_lat = q_nope @ w[:, : self.nope]  # [B,H,q,rank]
-        k = torch.cat([latent, k_pe], dim=-1)[:, None].expand(b, self.heads, -1, -1)
-        v = latent[:, None].expand(b, self.heads, -1, -1)
-        y = _attend(torch.cat([q_lat, q_pe], dim=-1), k, v, mask, self.scale)  # [B,H,q,rank]
-        y = y @ w[:, self.nope :].transpose(1, 2)  # [B,H,q,v_dim]
-        return self.o_proj(y.transpose(1, 2).reshape(b, q_len, -1))
+        k, v = self.kv_from_tokens((latent, k_pe))
+        return self.attend(q, k, v, mask)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -252,7 +299,15 @@ class Gate(nn.Module):
 
 
 class Experts(nn.Module):
-    """Routed experts stacked as [E, out, in], so grouping tokens by expert is slicing."""
+    """Routed experts stacked as [E, out, in], so grouping tokens by expert is slicing.
+
+    Two ways to run the grouped products, same results: `torch._grouped_mm` over expert offsets
+    computed on the device (no host sync, so a CUDA step never waits on the CPU; used for bf16 on
+    CUDA, where the kernel exists and is fast), and a loop of per-expert matmuls that reads the
+    counts on the host (CPU, float32: the CPU grouped kernel is ~50x slower than BLAS here).
+    """
+
+    grouped: bool | None = None  # None: choose per call (see `_use_grouped`); True/False forces one (tests)
 
     def __init__(self, num: int, hidden: int, inner: int):
         super().__init__()
@@ -260,21 +315,36 @@ class Experts(nn.Module):
         self.up_proj = nn.Parameter(torch.empty(num, inner, hidden))
         self.down_proj = nn.Parameter(torch.empty(num, hidden, inner))
 
+    def _use_grouped(self, x: torch.Tensor) -> bool:
+        if self.grouped is not None:
+            return self.grouped
+        return x.is_cuda and x.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm")
+
     def forward(self, x: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """x [N,H], idx/weight [N,K] -> weighted sum [N,H] (float32 accumulation like the reference)."""
         n, k = idx.shape
         flat = idx.flatten()
         order = flat.argsort()
-        counts = torch.bincount(flat, minlength=self.gate_proj.shape[0]).tolist()
         tokens = x[order // k]
-        out = torch.empty_like(tokens)
-        start = 0
-        for e, c in enumerate(counts):
-            if c:
-                t = tokens[start : start + c]
-                h = F.silu(t @ self.gate_proj[e].T) * (t @ self.up_proj[e].T)
-                out[start : start + c] = h @ self.down_proj[e].T
-                start += c
+        if self._use_grouped(x):
+            # offs[e] = end row of expert e in the sorted tokens; searchsorted stays on the device
+            # (bincount on CUDA reads the max back to the host)
+            bounds = torch.arange(1, self.gate_proj.shape[0] + 1, device=x.device, dtype=flat.dtype)
+            offs = torch.searchsorted(flat[order], bounds, out_int32=True)
+            mm = torch._grouped_mm
+            h = F.silu(mm(tokens, self.gate_proj.transpose(1, 2), offs=offs)) * mm(
+                tokens, self.up_proj.transpose(1, 2), offs=offs)
+            out = mm(h, self.down_proj.transpose(1, 2), offs=offs)
+        else:
+            counts = torch.bincount(flat, minlength=self.gate_proj.shape[0]).tolist()
+            out = torch.empty_like(tokens)
+            start = 0
+            for e, c in enumerate(counts):
+                if c:
+                    t = tokens[start : start + c]
+                    h = F.silu(t @ self.gate_proj[e].T) * (t @ self.up_proj[e].T)
+                    out[start : start + c] = h @ self.down_proj[e].T
+                    start += c
         y = torch.empty_like(out)
         y[order] = out
         return (y.view(n, k, -1).float() * weight[..., None]).sum(1).to(x.dtype)

@@ -1,0 +1,391 @@
+"""A request-level, continuous-batching generation engine for DeepSeek-VL2.
+
+    engine = Engine(model, processor)                      # cache and limits planned from free memory
+    results = engine.generate(prepared, SamplingParams(max_new_tokens=256))
+
+or incrementally, from any thread (an async caller wraps the futures):
+
+    engine.start()                                         # background step loop
+    fut = engine.submit(prep, params)                      # concurrent.futures.Future[Result]
+
+Each step: admit queued requests that fit (their tiles go through the vision tower together),
+give every decoding sequence one token, fill the rest of the step's token budget with prefill
+chunks, run the decoder once over all of them (model/runner.py), sample each request with its own
+parameters, and retire finished sequences so the next step refills their places. `model.generate`
+one request at a time is the oracle: the tests hold the engine to its tokens.
+"""
+from __future__ import annotations
+
+import collections
+import itertools
+import math
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+
+from .kv_cache import BlockAllocator, CachePlan, PagedKVCache, plan_cache
+from .model import _real
+from .processor import PreparedInput
+from .runner import DecodeGroup, Prefill, StepBatch, decode_groups, forward_step
+from .sampling import SamplingParams, banned_by_ngram, new_generator, sample
+
+
+@dataclass
+class Result:
+    tokens: list[int]  # the new ids, without the EOS
+    finish_reason: str  # "eos" | "length" | "error"
+    error: str | None = None
+    prompt_tokens: int = 0
+    guard_bans: int = 0  # steps at which the n-gram guard banned at least one token
+    # milliseconds: waiting in the queue, admission to first token (vision + prefill), first token
+    # to the end (decode), and submit to the end
+    queue_ms: float = 0.0
+    prefill_ms: float = 0.0
+    decode_ms: float = 0.0
+    total_ms: float = 0.0
+
+
+@dataclass
+class _Sequence:
+    id: int
+    prep: PreparedInput
+    params: SamplingParams
+    future: Future
+    submitted: float
+    prompt_len: int
+    admitted: float = 0.0
+    first_token: float = 0.0
+    blocks: list[int] = field(default_factory=list)
+    embeds: torch.Tensor | None = None  # [T, hidden] until the prompt is cached
+    cached: int = 0  # tokens whose keys are in the cache
+    tokens: list[int] = field(default_factory=list)
+    generator: torch.Generator | None = None
+    row: int = -1  # this sequence's row in the engine's `seen` table (repetition penalty)
+    guard_bans: int = 0
+
+    @property
+    def prefilling(self) -> bool:
+        return self.cached < self.prompt_len
+
+
+class Engine:
+    def __init__(
+        self,
+        model,
+        processor,
+        *,
+        kv_cache_tokens: int | None = None,
+        memory_budget_bytes: int | None = None,
+        memory_fraction: float = 0.85,
+        max_seqs: int | None = None,
+        max_step_tokens: int | None = None,
+        block_size: int | None = None,
+        vision_chunk: int | None = None,
+        max_context: int | None = None,
+        decode_waste: float = 0.25,
+    ):
+        self.model = model
+        self.processor = processor
+        self.device = model.device
+        self.dtype = model.dtype
+        lang = model.language
+        self.eos = model.cfg.language_config.eos_token_id
+        self.max_context = max_context or model.cfg.language_config.max_position_embeddings
+        if vision_chunk:
+            model.vision_chunk = vision_chunk
+        shapes = [layer.self_attn.entry_shapes() for layer in lang.model.layers]
+        self.plan: CachePlan = plan_cache(
+            shapes, self.dtype, self.device, max_context=self.max_context, kv_cache_tokens=kv_cache_tokens,
+            memory_budget_bytes=memory_budget_bytes, memory_fraction=memory_fraction, block_size=block_size,
+            max_seqs=max_seqs, max_step_tokens=max_step_tokens)
+        self.block_size = self.plan.block_size
+        self.cache = PagedKVCache(shapes, self.plan.num_blocks, self.block_size, self.device, self.dtype)
+        self.blocks = BlockAllocator(self.plan.num_blocks)
+        self.decode_waste = decode_waste
+        self._seen: torch.Tensor | None = None  # [max_seqs, vocab] bool, made on first use
+        self._free_rows = list(range(self.plan.max_seqs - 1, -1, -1))
+        self._queue: collections.deque[_Sequence] = collections.deque()
+        self._running: list[_Sequence] = []
+        self._ids = itertools.count()
+        self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
+        self._step_lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._closed = False
+        self.stats = collections.Counter()
+
+    # -- submission ------------------------------------------------------------------------------
+
+    def submit(self, prep: PreparedInput, params: SamplingParams | None = None) -> Future:
+        """Queue one request; thread-safe. The future resolves to its `Result`."""
+        params = params or SamplingParams()
+        fut: Future = Future()
+        seq = _Sequence(next(self._ids), prep, params, fut, time.perf_counter(), len(prep))
+        problem = self._never_fits(seq)
+        if problem:
+            fut.set_result(Result([], "error", problem, prompt_tokens=seq.prompt_len))
+            return fut
+        with self._wake:
+            if self._closed:
+                raise RuntimeError("engine is closed")
+            self._queue.append(seq)
+            self._wake.notify()
+        return fut
+
+    def _never_fits(self, seq: _Sequence) -> str | None:
+        need = seq.prompt_len + seq.params.max_new_tokens
+        if need > self.max_context:
+            return (f"prompt ({seq.prompt_len} tokens) + max_new_tokens ({seq.params.max_new_tokens}) = {need} "
+                    f"exceeds the model's context of {self.max_context} tokens")
+        if self._blocks_for(seq) > self.plan.num_blocks:
+            return (f"prompt ({seq.prompt_len} tokens) + max_new_tokens ({seq.params.max_new_tokens}) = {need} "
+                    f"exceeds the KV cache of {self.plan.tokens} tokens")
+        return None
+
+    def _blocks_for(self, seq: _Sequence) -> int:
+        return math.ceil((seq.prompt_len + seq.params.max_new_tokens) / self.block_size)
+
+    def generate(self, prepared: Sequence[PreparedInput],
+                 params: SamplingParams | Sequence[SamplingParams] | None = None) -> list[Result]:
+        """Run a list of requests to completion (in this thread unless the loop is started)."""
+        plist = list(params) if isinstance(params, (list, tuple)) else [params] * len(prepared)
+        if len(plist) != len(prepared):
+            raise ValueError(f"{len(prepared)} requests but {len(plist)} SamplingParams")
+        futs = [self.submit(p, sp) for p, sp in zip(prepared, plist)]
+        if self._thread is None:
+            while not all(f.done() for f in futs):
+                self.step()
+        return [f.result() for f in futs]
+
+    def has_work(self) -> bool:
+        with self._lock:
+            return bool(self._queue or self._running)
+
+    # -- background loop -----------------------------------------------------------------------
+
+    def start(self) -> "Engine":
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="pagemill-engine", daemon=True)
+            self._thread.start()
+        return self
+
+    def close(self) -> None:
+        with self._wake:
+            self._closed = True
+            self._wake.notify_all()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+    def _loop(self) -> None:
+        while True:
+            with self._wake:
+                while not self._closed and not (self._queue or self._running):
+                    self._wake.wait()
+                if self._closed:
+                    break
+            self.step()
+        for seq in list(self._queue) + self._running:
+            if not seq.future.done():
+                seq.future.set_result(Result([], "error", "engine closed", prompt_tokens=seq.prompt_len))
+
+    # -- one step ------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def step(self) -> int:
+        """Admit, run one packed decoder pass, sample, retire. Returns the tokens processed."""
+        with self._step_lock:
+            self._admit()
+            decoding = [s for s in self._running if not s.prefilling]
+            budget = self.plan.max_step_tokens - len(decoding)
+            chunks: list[tuple[_Sequence, int]] = []
+            for s in self._running:
+                if s.prefilling and budget > 0:
+                    take = min(s.prompt_len - s.cached, budget)
+                    chunks.append((s, take))
+                    budget -= take
+            if not decoding and not chunks:
+                return 0
+            try:
+                n = self._run(chunks, decoding)
+            except Exception as e:  # noqa: BLE001 - fail the step's requests, keep the engine alive
+                for s in {id(s): s for s in [c[0] for c in chunks] + decoding}.values():
+                    self._finish(s, "error", f"generation failed: {type(e).__name__}: {e}")
+                return 0
+            return n
+
+    def _admit(self) -> None:
+        """Move queued requests that fit into the running set; encode their images together."""
+        backlog = sum(s.prompt_len - s.cached for s in self._running if s.prefilling)
+        admitted: list[_Sequence] = []
+        with self._lock:
+            while self._queue and len(self._running) + len(admitted) < self.plan.max_seqs:
+                seq = self._queue[0]
+                if backlog >= 2 * self.plan.max_step_tokens:  # enough prefill work queued up already
+                    break
+                if self._blocks_for(seq) > self.blocks.free:
+                    break  # FIFO: wait until finished sequences free blocks
+                self._queue.popleft()
+                seq.blocks = self.blocks.allocate(self._blocks_for(seq))
+                seq.row = self._free_rows.pop()
+                admitted.append(seq)
+                backlog += seq.prompt_len
+        if not admitted:
+            return
+        now = time.perf_counter()
+        try:
+            embeds = self._prompt_embeds([s.prep for s in admitted])
+        except Exception:  # noqa: BLE001 - find the request(s) at fault one by one
+            embeds = []
+            for s in admitted:
+                try:
+                    embeds.extend(self._prompt_embeds([s.prep]))
+                except Exception as e:  # noqa: BLE001
+                    embeds.append(e)
+        for s, e in zip(admitted, embeds):
+            s.admitted = now
+            self._running.append(s)
+            if isinstance(e, Exception):
+                self._finish(s, "error", f"image encoding failed: {type(e).__name__}: {e}")
+                continue
+            s.embeds = e
+            s.generator = new_generator(s.params, self.device)
+            if s.params.repetition_penalty != 1.0:
+                seen = self._seen_table()
+                seen[s.row] = False
+                seen[s.row, s.prep.input_ids.to(self.device)] = True
+            self.stats["admitted"] += 1
+
+    def _seen_table(self) -> torch.Tensor:
+        if self._seen is None:
+            vocab = self.model.language.lm_head.weight.shape[0]
+            self._seen = torch.zeros(self.plan.max_seqs, vocab, dtype=torch.bool, device=self.device)
+        return self._seen
+
+    def _prompt_embeds(self, preps: list[PreparedInput]) -> list[torch.Tensor]:
+        """Each prompt's input embeddings [T, hidden]; all requests' tiles in one vision pass
+        (bounded chunks of `model.vision_chunk` tiles), laid out exactly as `model.embed` does."""
+        m = self.model
+        crops = [list(_real(p.images_spatial_crop.tolist())) for p in preps]
+        counts = [sum(1 + w * h for w, h in c) for c in crops]
+        tiles = [p.images[:c] for p, c in zip(preps, counts) if c]
+        feats = m.encode_tiles(torch.cat(tiles).to(self.device, self.dtype)) if tiles else None
+        out, t = [], 0
+        for p, crop in zip(preps, crops):
+            e = m.language.model.embed_tokens(p.input_ids.to(self.device))
+            rows = []
+            for w, h in crop:
+                rows.append(m._image_rows(feats[t : t + 1 + w * h], w, h))
+                t += 1 + w * h
+            if rows:
+                rows = torch.cat(rows)
+                mask = p.images_seq_mask.to(self.device)
+                if int(mask.sum()) != rows.shape[0]:
+                    raise ValueError(f"{int(mask.sum())} image placeholders but {rows.shape[0]} image rows")
+                e[mask] = rows.to(e.dtype)
+            out.append(e)
+        return out
+
+    def _slots(self, seq: _Sequence, start: int, n: int) -> list[int]:
+        bs = self.block_size
+        return [seq.blocks[p // bs] * bs + p % bs for p in range(start, start + n)]
+
+    def _run(self, chunks: list[tuple[_Sequence, int]], decoding: list[_Sequence]) -> int:
+        dev, bs = self.device, self.block_size
+        pieces, positions, slots, prefills, emit = [], [], [], [], []
+        row = 0
+        for s, n in chunks:
+            pieces.append(s.embeds[s.cached : s.cached + n])
+            positions.extend(range(s.cached, s.cached + n))
+            slots.extend(self._slots(s, s.cached, n))
+            p = Prefill(row=row, n=n, start=s.cached)
+            if s.cached:
+                kv = s.cached + n
+                nb = math.ceil(kv / bs)
+                p.blocks = torch.tensor([s.blocks[:nb]], device=dev)
+                qpos = torch.arange(s.cached, kv, device=dev)[:, None]
+                p.mask = (torch.arange(kv, device=dev)[None] <= qpos)[None, None]
+            prefills.append(p)
+            row += n
+            if s.cached + n == s.prompt_len:
+                emit.append((s, row - 1))
+        if decoding:
+            last = torch.tensor([s.tokens[-1] for s in decoding], device=dev)
+            pieces.append(self.model.language.model.embed_tokens(last).to(self.dtype))
+        groups = []
+        lengths = []
+        for i, s in enumerate(decoding):
+            pos = s.prompt_len + len(s.tokens) - 1  # the position of the token being fed
+            positions.append(pos)
+            slots.extend(self._slots(s, pos, 1))
+            lengths.append(pos + 1)
+            emit.append((s, row + i))
+        for g in decode_groups(lengths, self.decode_waste) if decoding else []:
+            nb = math.ceil(max(lengths[i] for i in g) / bs)
+            table = [decoding[i].blocks[:nb] + [0] * (nb - len(decoding[i].blocks[:nb])) for i in g]
+            lens = torch.tensor([lengths[i] for i in g], device=dev)
+            mask = (torch.arange(nb * bs, device=dev)[None] < lens[:, None])[:, None, None]
+            groups.append(DecodeGroup(rows=torch.tensor([row + i for i in g], device=dev),
+                                      blocks=torch.tensor(table, device=dev), mask=mask))
+        step = StepBatch(
+            embeds=torch.cat(pieces).to(self.dtype),
+            positions=torch.tensor(positions, device=dev),
+            slots=torch.tensor(slots, device=dev),
+            prefills=prefills,
+            decodes=groups,
+            logit_rows=torch.tensor([r for _, r in emit], device=dev),
+        )
+        logits = forward_step(self.model.language, step, self.cache)
+        for s, n in chunks:
+            s.cached += n
+            if not s.prefilling:
+                s.embeds = None
+        seqs = [s for s, _ in emit]
+        banned = [banned_by_ngram(s.tokens, s.params) for s in seqs]
+        seen = None
+        if any(s.params.repetition_penalty != 1.0 for s in seqs):
+            seen = self._seen_table()[torch.tensor([s.row for s in seqs], device=dev)]
+        nxt = sample(logits, [s.params for s in seqs], [s.generator for s in seqs], seen, banned)
+        if seen is not None:
+            self._seen_table()[torch.tensor([s.row for s in seqs], device=dev), nxt] = True
+        now = time.perf_counter()
+        for s, t, b in zip(seqs, nxt.tolist(), banned):  # the step's one host sync
+            s.guard_bans += bool(b)
+            if not s.tokens:
+                s.first_token = now
+            if t == self.eos and not s.params.ignore_eos:
+                self._finish(s, "eos")
+                continue
+            s.tokens.append(t)
+            if len(s.tokens) >= s.params.max_new_tokens:
+                self._finish(s, "length")
+        self.stats["steps"] += 1
+        self.stats["prefill_tokens"] += sum(n for _, n in chunks)
+        self.stats["decode_tokens"] += len(decoding)
+        return len(positions)
+
+    def _finish(self, s: _Sequence, reason: str, error: str | None = None) -> None:
+        if s in self._running:
+            self._running.remove(s)
+        if s.blocks:
+            self.blocks.release(s.blocks)
+            s.blocks = []
+        if s.row >= 0:
+            self._free_rows.append(s.row)
+            s.row = -1
+        s.embeds = None
+        now = time.perf_counter()
+        first = s.first_token or now
+        admitted = s.admitted or now
+        ms = 1000.0
+        result = Result(
+            tokens=list(s.tokens) if reason != "error" else [],
+            finish_reason=reason, error=error, prompt_tokens=s.prompt_len, guard_bans=s.guard_bans,
+            queue_ms=(admitted - s.submitted) * ms, prefill_ms=(first - admitted) * ms,
+            decode_ms=(now - first) * ms, total_ms=(now - s.submitted) * ms)
+        if not s.future.done():
+            s.future.set_result(result)

@@ -1,0 +1,123 @@
+"""The engine's KV cache: fixed-size blocks preallocated once, handed to sequences by block tables.
+
+Per layer it holds one tensor per cache entry, shaped [num_blocks, block_size, *entry]: for MHA
+(tiny) the key and the value [kv_heads, head_dim]; for MLA (small, base) the normalised latent
+[kv_lora_rank] and the shared roped key [qk_rope_head_dim], i.e. kv_lora_rank + qk_rope_head_dim
+values per token. A sequence reserves every block it can ever need (prompt + max_new_tokens)
+when it is admitted, so a running sequence never waits for memory and nothing is ever preempted;
+a request that does not fit waits in the queue until finished sequences free their blocks.
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+
+
+class BlockAllocator:
+    def __init__(self, num_blocks: int):
+        self.num_blocks = num_blocks
+        self._free = list(range(num_blocks - 1, -1, -1))
+
+    @property
+    def free(self) -> int:
+        return len(self._free)
+
+    def allocate(self, n: int) -> list[int]:
+        if n > len(self._free):
+            raise MemoryError(f"{n} cache blocks wanted, {len(self._free)} free")
+        return [self._free.pop() for _ in range(n)]
+
+    def release(self, blocks: list[int]) -> None:
+        self._free.extend(reversed(blocks))
+
+
+class PagedKVCache:
+    def __init__(self, entry_shapes: list[tuple[tuple[int, ...], ...]], num_blocks: int, block_size: int,
+                 device: torch.device, dtype: torch.dtype):
+        self.block_size = block_size
+        self.num_blocks = num_blocks
+        self.layers = [
+            tuple(torch.zeros(num_blocks, block_size, *shape, device=device, dtype=dtype) for shape in shapes)
+            for shapes in entry_shapes
+        ]
+
+    def write(self, layer: int, slots: torch.Tensor, entries: tuple[torch.Tensor, ...]) -> None:
+        """entries[j] [N, *entry] into flat slots [N] (slot = block * block_size + offset)."""
+        for cache, e in zip(self.layers[layer], entries):
+            cache.view(-1, *cache.shape[2:]).index_copy_(0, slots, e.to(cache.dtype))
+
+    def gather(self, layer: int, blocks: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """blocks [G, nb] -> per entry [G, nb * block_size, *entry] (the sequences' tokens in order)."""
+        return tuple(c[blocks].flatten(1, 2) for c in self.layers[layer])
+
+
+def bytes_per_token(entry_shapes: list[tuple[tuple[int, ...], ...]], dtype: torch.dtype) -> int:
+    size = torch.empty(0, dtype=dtype).element_size()
+    return sum(math.prod(s) for shapes in entry_shapes for s in shapes) * size
+
+
+@dataclass(frozen=True)
+class CachePlan:
+    num_blocks: int
+    block_size: int
+    max_seqs: int
+    max_step_tokens: int
+    budget_bytes: int
+    bytes_per_token: int
+
+    @property
+    def tokens(self) -> int:
+        return self.num_blocks * self.block_size
+
+
+def _host_available_bytes() -> int:
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):
+        return 8 * 2**30
+
+
+def plan_cache(
+    entry_shapes: list[tuple[tuple[int, ...], ...]],
+    dtype: torch.dtype,
+    device: torch.device,
+    *,
+    max_context: int,
+    kv_cache_tokens: int | None = None,
+    memory_budget_bytes: int | None = None,
+    memory_fraction: float = 0.85,
+    activation_reserve_bytes: int | None = None,
+    block_size: int | None = None,
+    max_seqs: int | None = None,
+    max_step_tokens: int | None = None,
+) -> CachePlan:
+    """Choose the cache size and batch limits.
+
+    CUDA: `memory_fraction` of the free memory after the weights are loaded, less a reserve for
+    activations of a full step (vision chunk, prefill chunk, logits). CPU: a quarter of the
+    available RAM, at most 4 GiB (a CPU engine is for tests and small jobs). `kv_cache_tokens` or
+    `memory_budget_bytes` override the plan."""
+    per_token = bytes_per_token(entry_shapes, dtype)
+    cuda = device.type == "cuda"
+    block_size = block_size or (64 if cuda else 16)
+    max_step_tokens = max_step_tokens or (8192 if cuda else 1024)
+    if kv_cache_tokens is not None:
+        budget = kv_cache_tokens * per_token
+    elif memory_budget_bytes is not None:
+        budget = memory_budget_bytes
+    elif cuda:
+        free, _ = torch.cuda.mem_get_info(device)
+        reserve = activation_reserve_bytes if activation_reserve_bytes is not None else max(2 * 2**30, free // 10)
+        budget = max(int(free * memory_fraction) - reserve, 0)
+    else:
+        budget = min(_host_available_bytes() // 4, 4 * 2**30)
+    num_blocks = budget // (per_token * block_size)
+    if num_blocks < 1:
+        raise MemoryError(f"no room for a KV cache: budget {budget} bytes, {per_token * block_size} bytes per block")
+    default_seqs = 256 if cuda else 64
+    seqs = max_seqs or default_seqs
+    return CachePlan(num_blocks=int(num_blocks), block_size=block_size, max_seqs=seqs,
+                     max_step_tokens=max(max_step_tokens, seqs), budget_bytes=int(budget), bytes_per_token=per_token)

@@ -1,0 +1,92 @@
+"""One engine step through the decoder: many sequences' tokens packed into one [N, hidden] row.
+
+Every linear layer and the MoE see the packed tokens (no padding). Attention runs per piece:
+a prefill chunk attends causally to its own sequence (`is_causal` on the fresh keys when it is
+the sequence's first chunk, the cached prefix plus a lower-right causal mask otherwise), and
+the decode tokens attend in groups of similar cached length, each group padded only to its own
+longest member, so no sequence is padded to the batch's longest.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .kv_cache import PagedKVCache
+
+
+@dataclass
+class Prefill:
+    row: int  # first packed row of the chunk
+    n: int  # tokens in the chunk
+    start: int  # cache position of the chunk's first token
+    blocks: torch.Tensor | None = None  # [1, nb] the sequence's blocks, when start > 0
+    mask: torch.Tensor | None = None  # [1, 1, n, start + n] lower-right causal, when start > 0
+
+
+@dataclass
+class DecodeGroup:
+    rows: torch.Tensor  # [G] packed rows of the group's tokens
+    blocks: torch.Tensor  # [G, nb] block tables, padded with block 0
+    mask: torch.Tensor  # [G, 1, 1, nb * block_size] True at each sequence's real positions
+
+
+@dataclass
+class StepBatch:
+    embeds: torch.Tensor  # [N, hidden]
+    positions: torch.Tensor  # [N]
+    slots: torch.Tensor  # [N] flat cache slot of each token
+    prefills: list[Prefill] = field(default_factory=list)
+    decodes: list[DecodeGroup] = field(default_factory=list)
+    logit_rows: torch.Tensor | None = None  # [S] rows whose next-token logits are wanted
+
+
+def decode_groups(lengths: list[int], max_waste: float = 0.25) -> list[list[int]]:
+    """Indices of `lengths` grouped so that each group's padded length wastes at most
+    `max_waste` of its real tokens (sorted by length; a new group starts when the next one
+    would exceed that)."""
+    order = sorted(range(len(lengths)), key=lengths.__getitem__)
+    groups: list[list[int]] = []
+    for i in order:
+        if groups:
+            g = groups[-1]
+            real = sum(lengths[j] for j in g) + lengths[i]
+            if lengths[i] * (len(g) + 1) <= (1 + max_waste) * real:
+                g.append(i)
+                continue
+        groups.append([i])
+    return groups
+
+
+def _attention(attn, x: torch.Tensor, positions: torch.Tensor, step: StepBatch, cache: PagedKVCache,
+               layer: int) -> torch.Tensor:
+    """x [1, N, hidden] -> attention output [1, N, hidden]."""
+    q, entries = attn.project(x, positions)  # q [1, H, N, d]
+    tok = attn.token_entries(entries)  # per-token rows [N, ...]
+    cache.write(layer, step.slots, tok)
+    out = torch.empty_like(x[0])
+    for p in step.prefills:
+        qs = q[:, :, p.row : p.row + p.n]
+        if p.start == 0:
+            k, v = attn.kv_from_tokens(tuple(e[p.row : p.row + p.n][None] for e in tok))
+            y = attn.attend(qs, k, v, is_causal=True)
+        else:
+            k, v = attn.kv_from_tokens(tuple(e[:, : p.start + p.n] for e in cache.gather(layer, p.blocks)))
+            y = attn.attend(qs, k, v, mask=p.mask)
+        out[p.row : p.row + p.n] = y[0]
+    for g in step.decodes:
+        qs = q[0][:, g.rows].transpose(0, 1)[:, :, None]  # [G, H, 1, d]
+        k, v = attn.kv_from_tokens(cache.gather(layer, g.blocks))
+        out[g.rows] = attn.attend(qs, k, v, mask=g.mask)[:, 0]
+    return out[None]
+
+
+def forward_step(language, step: StepBatch, cache: PagedKVCache) -> torch.Tensor:
+    """The decoder over a packed step -> float32 logits [S, vocab] at `step.logit_rows`."""
+    x = step.embeds[None]
+    pos = step.positions[None]
+    for i, layer in enumerate(language.model.layers):
+        x = x + _attention(layer.self_attn, layer.input_layernorm(x), pos, step, cache, i)
+        x = x + layer.mlp(layer.post_attention_layernorm(x))
+    x = x[0, step.logit_rows]
+    return language.lm_head(language.model.norm(x)).float()

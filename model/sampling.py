@@ -1,0 +1,103 @@
+"""Per-request sampling for the engine: the same arithmetic as `model.generate`'s `_pick`, applied to
+rows with different parameters in one batch.
+
+Each sampled request draws from its own `torch.Generator`, seeded from its `seed`, one multinomial
+per step: a request's tokens depend on its seed and its logits only, never on what else shares the
+batch, and a request alone gives exactly what `model.generate(..., seed=s)` gives.
+"""
+from __future__ import annotations
+
+import random
+from typing import Sequence
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class SamplingParams(BaseModel):
+    """How one request is decoded. Greedy when temperature == 0."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    max_new_tokens: int = Field(64, gt=0)
+    temperature: float = Field(0.0, ge=0.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    repetition_penalty: float = Field(1.0, gt=0.0)
+    seed: int | None = Field(None, description="None: a fresh random seed per request")
+    ignore_eos: bool = Field(False, description="keep generating past EOS (benchmarks)")
+    # DeepSeek-OCR's guard against loops on tables: ban any token that would repeat an n-gram of
+    # this size seen in the last `no_repeat_window` generated tokens (0 = all of them).
+    no_repeat_ngram_size: int = Field(0, ge=0)
+    no_repeat_window: int = Field(0, ge=0)
+    no_repeat_whitelist: tuple[int, ...] = ()
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature <= 0
+
+
+def new_generator(params: SamplingParams, device: torch.device) -> torch.Generator | None:
+    if params.greedy:
+        return None
+    g = torch.Generator(device=device)
+    g.manual_seed(params.seed if params.seed is not None else random.getrandbits(63))
+    return g
+
+
+def banned_by_ngram(generated: Sequence[int], params: SamplingParams) -> list[int]:
+    """Tokens that would complete an n-gram already present in the window (host side, cheap:
+    the window is at most a few hundred tokens)."""
+    n = params.no_repeat_ngram_size
+    if n <= 0 or len(generated) < n:
+        return []
+    window = generated[-params.no_repeat_window:] if params.no_repeat_window else generated
+    prefix = tuple(generated[len(generated) - (n - 1):]) if n > 1 else ()
+    banned = set()
+    for i in range(len(window) - n + 1):
+        if tuple(window[i : i + n - 1]) == prefix:
+            banned.add(window[i + n - 1])
+    return sorted(banned.difference(params.no_repeat_whitelist))
+
+
+def sample(
+    logits: torch.Tensor,
+    params: Sequence[SamplingParams],
+    generators: Sequence[torch.Generator | None],
+    seen: torch.Tensor | None,
+    banned: Sequence[Sequence[int]] | None = None,
+) -> torch.Tensor:
+    """logits [S, V] float32 -> next ids [S] on the device.
+
+    `seen` [S, V] bool marks the tokens each row has seen (prompt + generated), for the repetition
+    penalty; rows whose penalty is 1.0 are untouched. HF's order, as `_pick`: penalty, then
+    temperature, then top-p, then sample (or argmax)."""
+    s = logits.shape[0]
+    dev = logits.device
+    logits = logits.float()
+    if banned is not None and any(banned):
+        rows = [i for i, b in enumerate(banned) for _ in b]
+        cols = [t for b in banned for t in b]
+        logits = logits.index_put((torch.tensor(rows, device=dev), torch.tensor(cols, device=dev)),
+                                  torch.tensor(float("-inf"), device=dev))
+    penalty = [p.repetition_penalty for p in params]
+    if seen is not None and any(p != 1.0 for p in penalty):
+        pen = torch.tensor(penalty, device=dev)[:, None]
+        hit = seen & (pen != 1.0)
+        logits = torch.where(hit, torch.where(logits < 0, logits * pen, logits / pen), logits)
+    out = logits.argmax(-1)
+    sampled = [i for i, p in enumerate(params) if not p.greedy]
+    if not sampled:
+        return out
+    idx = torch.tensor(sampled, device=dev)
+    sub = logits[idx] / torch.tensor([params[i].temperature for i in sampled], device=dev)[:, None]
+    if any(params[i].top_p < 1.0 for i in sampled):
+        # thresholds computed on the host in double, as `_pick`'s python scalar `1 - top_p` is
+        thr = torch.tensor([1 - params[i].top_p if params[i].top_p < 1.0 else -1.0 for i in sampled], device=dev)
+        sorted_logits, order = sub.sort(descending=False)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cum <= thr[:, None]
+        drop[:, -1] = False
+        sub = sub.masked_fill(torch.zeros_like(drop).scatter(1, order, drop), float("-inf"))
+    probs = sub.softmax(-1)
+    picks = [torch.multinomial(probs[j : j + 1], 1, generator=generators[i])[:, 0] for j, i in enumerate(sampled)]
+    return out.index_copy(0, idx, torch.cat(picks))
