@@ -337,13 +337,18 @@ class Engine:
             slots=torch.tensor(slots, device=dev),
             prefills=prefills,
             decodes=groups,
-            logit_rows=torch.tensor([r for _, r in emit], device=dev),
+            logit_rows=torch.tensor([r for _, r in emit], device=dev, dtype=torch.long),
         )
         logits = forward_step(self.model.language, step, self.cache)
         for s, n in chunks:
             s.cached += n
             if not s.prefilling:
                 s.embeds = None
+        self.stats["steps"] += 1
+        self.stats["prefill_tokens"] += sum(n for _, n in chunks)
+        self.stats["decode_tokens"] += len(decoding)
+        if not emit:  # only mid-prompt chunks this step
+            return len(positions)
         seqs = [s for s, _ in emit]
         banned = [banned_by_ngram(s.tokens, s.params) for s in seqs]
         seen = None
@@ -363,9 +368,6 @@ class Engine:
             s.tokens.append(t)
             if len(s.tokens) >= s.params.max_new_tokens:
                 self._finish(s, "length")
-        self.stats["steps"] += 1
-        self.stats["prefill_tokens"] += sum(n for _, n in chunks)
-        self.stats["decode_tokens"] += len(decoding)
         return len(positions)
 
     def _finish(self, s: _Sequence, reason: str, error: str | None = None) -> None:

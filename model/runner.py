@@ -89,4 +89,6 @@ def forward_step(language, step: StepBatch, cache: PagedKVCache) -> torch.Tensor
         x = x + _attention(layer.self_attn, layer.input_layernorm(x), pos, step, cache, i)
         x = x + layer.mlp(layer.post_attention_layernorm(x))
     x = x[0, step.logit_rows]
+    if x.shape[0] == 0:
+        return x.new_empty(0, language.lm_head.weight.shape[0], dtype=torch.float32)
     return language.lm_head(language.model.norm(x)).float()

@@ -1,0 +1,217 @@
+"""The continuous-batching engine against its oracle, `model.generate` one request at a time (float32, CPU)."""
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from model import Engine, SamplingParams, load_pretrained
+from model.language import Experts
+from model.sampling import banned_by_ngram
+from tests.test_model_golden import load_cases
+
+EXTRA = Path(__file__).parent / "data" / "ref-extra"
+CHECKPOINTS = ["tiny_mha-seed1", "small_mla-seed1", "extra:noaux_grouped_mla-seed3"]
+
+# (max_new_tokens, temperature, top_p, repetition_penalty, seed)
+PARAMS = [
+    SamplingParams(max_new_tokens=10),
+    SamplingParams(max_new_tokens=7, temperature=0.8, top_p=0.9, seed=7),
+    SamplingParams(max_new_tokens=12, repetition_penalty=1.3),
+    SamplingParams(max_new_tokens=3, temperature=1.2, seed=123),
+    SamplingParams(max_new_tokens=9, temperature=0.7, top_p=0.8, repetition_penalty=1.2, seed=5),
+]
+
+
+def _path(fixtures_dir, name):
+    return EXTRA / name.split(":", 1)[1] if name.startswith("extra:") else fixtures_dir / name
+
+
+@pytest.fixture(scope="module", params=CHECKPOINTS)
+def loaded(request, fixtures_dir):
+    path = _path(fixtures_dir, request.param)
+    model, processor = load_pretrained(path)
+    golden = fixtures_dir / "tiny_mha-seed1.golden.npz"  # conversations and images: any fixture's do
+    cases = load_cases(golden)
+    preps = {c: processor.prepare(g["conversation"], g["images"]) for c, g in cases.items()}
+    return request.param, model, processor, preps
+
+
+def oracle(model, processor, prep, p: SamplingParams, eos=None) -> list[int]:
+    eos = processor.eos_id if eos is None else eos
+    out = model.generate(processor.collate([prep]), max_new_tokens=p.max_new_tokens, temperature=p.temperature,
+                         top_p=p.top_p, repetition_penalty=p.repetition_penalty, seed=p.seed,
+                         eos_token_id=eos)[0].tolist()
+    return out[: out.index(eos)] if eos in out else out
+
+
+def workload(preps):
+    """Every fixture case (text only, 1, 2 and 3 images, 51 to 1444 prompt tokens) with each params set."""
+    items = []
+    for i, prep in enumerate(preps.values()):
+        for j, p in enumerate(PARAMS):
+            if (i + j) % 2 == 0:  # half of the grid keeps the test short; every case and params set appear
+                items.append((prep, p))
+    return items
+
+
+def test_mixed_workload_equals_generate_alone(loaded):
+    name, model, processor, preps = loaded
+    items = workload(preps)
+    lengths = {len(p) for p, _ in items}
+    assert len(lengths) == 5 and min(lengths) < 60 and max(lengths) > 1400
+    want = [oracle(model, processor, prep, p) for prep, p in items]
+    # a small step budget: long prompts are prefilled in chunks, mixed with other requests' decode steps
+    engine = Engine(model, processor, kv_cache_tokens=16384, max_step_tokens=256, max_seqs=8)
+    results = engine.generate([p for p, _ in items], [p for _, p in items])
+    for (prep, p), r, w in zip(items, results, want):
+        assert r.finish_reason in ("length", "eos") and r.error is None
+        assert r.tokens == w, (name, len(prep), p)
+        assert r.finish_reason == ("length" if len(w) == p.max_new_tokens else "eos")
+        assert r.prompt_tokens == len(prep)
+    assert engine.stats["steps"] > 0 and engine.blocks.free == engine.plan.num_blocks  # every block returned
+
+
+def test_requests_submitted_while_others_decode(loaded):
+    name, model, processor, preps = loaded
+    first = [(preps["text_only"], SamplingParams(max_new_tokens=30)),
+             (preps["grounding_ref"], SamplingParams(max_new_tokens=20, temperature=0.9, seed=3))]
+    later = [(preps["two_images_tiled"], SamplingParams(max_new_tokens=8)),
+             (preps["three_images_untiled"], SamplingParams(max_new_tokens=6, temperature=0.5, seed=11)),
+             (preps["text_only"], SamplingParams(max_new_tokens=5, repetition_penalty=1.5))]
+    engine = Engine(model, processor, kv_cache_tokens=8192, max_step_tokens=512).start()
+    try:
+        futs = [engine.submit(p, sp) for p, sp in first]
+        deadline = time.time() + 60
+        while engine.stats["decode_tokens"] < 4 and time.time() < deadline:
+            time.sleep(0.005)
+        assert engine.stats["decode_tokens"] >= 4 and not all(f.done() for f in futs)
+        results = {}
+
+        def submit_from_thread(k, prep, sp):  # submission is thread-safe
+            results[k] = engine.submit(prep, sp)
+
+        threads = [threading.Thread(target=submit_from_thread, args=(k, p, sp)) for k, (p, sp) in enumerate(later)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        futs += [results[k] for k in range(len(later))]
+        got = [f.result(timeout=120) for f in futs]
+    finally:
+        engine.close()
+    for (prep, sp), r in zip(first + later, got):
+        assert r.tokens == oracle(model, processor, prep, sp), (name, len(prep), sp)
+
+
+def test_too_long_request_errors_and_others_finish(loaded):
+    name, model, processor, preps = loaded
+    engine = Engine(model, processor, kv_cache_tokens=4096, max_step_tokens=512)
+    ok = SamplingParams(max_new_tokens=4)
+    too_long = SamplingParams(max_new_tokens=4096)  # prompt + 4096 > the 4096-token context
+    over_cache = SamplingParams(max_new_tokens=3000)  # 51 + 3000 fits the context, not a 512-token cache
+    prep = preps["two_images_tiled"]
+    res = engine.generate([preps["text_only"], prep, preps["text_only"]], [ok, too_long, ok])
+    assert res[1].finish_reason == "error" and res[1].tokens == []
+    assert "exceeds the model's context of 4096 tokens" in res[1].error and str(len(prep)) in res[1].error
+    assert res[0].tokens == res[2].tokens == oracle(model, processor, preps["text_only"], ok)
+    small = Engine(model, processor, kv_cache_tokens=512, max_step_tokens=256)
+    r = small.generate([preps["text_only"]], [over_cache])[0]
+    assert r.finish_reason == "error" and "exceeds the KV cache of 512 tokens" in r.error
+
+
+def test_small_cache_forces_queueing_with_same_tokens(loaded):
+    name, model, processor, preps = loaded
+    items = [(preps[c], SamplingParams(max_new_tokens=6)) for c in ("two_images_tiled", "grounding_ref", "text_only",
+                                                                   "three_images_untiled")]
+    # room for one long request at a time: the others wait in the queue until blocks are freed
+    engine = Engine(model, processor, kv_cache_tokens=1500, block_size=16, max_step_tokens=400)
+    peak = []
+    orig = engine._run
+
+    def spy(chunks, decoding):
+        peak.append(len(engine._running))
+        return orig(chunks, decoding)
+
+    engine._run = spy
+    res = engine.generate([p for p, _ in items], [p for _, p in items])
+    assert max(peak) < len(items)  # never all admitted at once
+    for (prep, p), r in zip(items, res):
+        assert r.tokens == oracle(model, processor, prep, p)
+        assert r.queue_ms >= 0 and r.total_ms >= r.queue_ms
+
+
+def test_eos_ends_a_request(loaded):
+    name, model, processor, preps = loaded
+    prep, p = preps["grounding_ref"], SamplingParams(max_new_tokens=12)
+    free_run = oracle(model, processor, prep, p)
+    stop = free_run[3]  # pretend the 4th generated token is EOS
+    engine = Engine(model, processor, kv_cache_tokens=4096)
+    engine.eos = stop
+    r = engine.generate([prep], p)[0]
+    assert r.finish_reason == "eos"
+    assert r.tokens == oracle(model, processor, prep, p, eos=stop) == free_run[: free_run.index(stop)]
+    ignored = engine.generate([prep], SamplingParams(max_new_tokens=12, ignore_eos=True))[0]
+    assert ignored.finish_reason == "length" and ignored.tokens == free_run
+
+
+def test_seed_does_not_depend_on_the_batch(fixtures_dir):
+    model, processor = load_pretrained(fixtures_dir / "tiny_mha-seed1")
+    cases = load_cases(fixtures_dir / "tiny_mha-seed1.golden.npz")
+    prep = processor.prepare(cases["text_only"]["conversation"], [])
+    sp = SamplingParams(max_new_tokens=16, temperature=1.5, seed=42)
+    alone = Engine(model, processor, kv_cache_tokens=4096).generate([prep], sp)[0].tokens
+    crowd = Engine(model, processor, kv_cache_tokens=8192).generate(
+        [prep] * 3, [SamplingParams(max_new_tokens=16, temperature=1.5, seed=s) for s in (1, 42, 2)])
+    assert crowd[1].tokens == alone
+    assert crowd[0].tokens != alone or crowd[2].tokens != alone  # other seeds draw differently
+
+
+def test_no_repeat_ngram_guard(fixtures_dir):
+    sp = SamplingParams(no_repeat_ngram_size=3, no_repeat_window=6)
+    assert banned_by_ngram([5, 6, 7, 5, 6], sp) == [7]  # 5 6 -> 7 was seen: ban 7
+    assert banned_by_ngram([5, 6, 7, 1, 2, 3, 4, 5, 6], sp) == []  # out of the window
+    assert banned_by_ngram([5, 6, 7, 5, 6], sp.model_copy(update={"no_repeat_whitelist": (7,)})) == []
+    model, processor = load_pretrained(fixtures_dir / "tiny_mha-seed1")
+    cases = load_cases(fixtures_dir / "tiny_mha-seed1.golden.npz")
+    prep = processor.prepare(cases["two_images_tiled"]["conversation"], cases["two_images_tiled"]["images"])
+    free = Engine(model, processor, kv_cache_tokens=4096).generate([prep], SamplingParams(max_new_tokens=16))[0]
+    assert free.tokens[:4] == [85, 85, 85, 85]  # this random model loops on one token
+    guarded = Engine(model, processor, kv_cache_tokens=4096).generate(
+        [prep], SamplingParams(max_new_tokens=16, no_repeat_ngram_size=2))[0]
+    pairs = list(zip(guarded.tokens, guarded.tokens[1:]))
+    assert len(pairs) == len(set(pairs)) and guarded.guard_bans > 0  # no bigram repeats
+
+
+def test_grouped_expert_kernel_matches_loop(fixtures_dir):
+    """The host-sync-free grouped path (bf16 CUDA's) gives the per-expert loop's results."""
+    torch.manual_seed(0)
+    e = Experts(6, 32, 16)
+    for p in e.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    x = torch.randn(40, 32)
+    idx = torch.randint(0, 6, (40, 2))
+    idx[:, 1] = (idx[:, 0] + 1) % 6
+    idx[idx == 3] = 4  # expert 3 gets no token
+    w = torch.rand(40, 2)
+    try:
+        e.grouped = False
+        a = e(x, idx, w)
+        e.grouped = True
+        b = e(x, idx, w)
+    finally:
+        e.grouped = None
+    assert (a - b).abs().max().item() < 1e-5
+
+
+def test_memory_plan(fixtures_dir):
+    model, processor = load_pretrained(fixtures_dir / "small_mla-seed1")
+    engine = Engine(model, processor, memory_budget_bytes=2**20, block_size=16)
+    cfg = model.cfg.language_config
+    per_token = cfg.num_hidden_layers * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * 4  # MLA: latent + rope key
+    assert engine.plan.bytes_per_token == per_token
+    assert engine.plan.num_blocks == 2**20 // (per_token * 16)
+    assert engine.cache.layers[0][0].shape == (engine.plan.num_blocks, 16, cfg.kv_lora_rank)
+    auto = Engine(model, processor)  # planned from the host's available memory
+    assert auto.plan.tokens >= 4096 and auto.plan.max_step_tokens >= auto.plan.max_seqs
