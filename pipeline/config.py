@@ -49,12 +49,14 @@ class JobConfig(BaseModel):
     temperature: float = Field(0.0, ge=0.0, le=5.0, description="Sampling temperature; 0 = greedy.")
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling mass (used when temperature > 0).")
     repetition_penalty: float = Field(1.0, gt=0.0, le=5.0, description="Repetition penalty (1.0 = none).")
-    seed: int | None = Field(0, description="Sampling seed (per batch); null for nondeterministic sampling.")
+    seed: int | None = Field(0, description="Sampling seed; each item draws from its own generator seeded from this and its id, so its text does not depend on batching or resume. null for nondeterministic sampling.")
+    no_repeat_ngram_size: int = Field(0, ge=0, le=200, description="Ban any token that would repeat an n-gram of this size within the last no_repeat_window generated tokens (DeepSeek-OCR uses 20-30 against loops on tables); 0 = off.")
+    no_repeat_window: int = Field(0, ge=0, description="Window (generated tokens) of the n-gram guard; 0 = all generated tokens.")
 
     # --- Ray: batch and pool sizes ------------------------------------------------------------
     ray_address: str | None = Field(None, description="Ray cluster address ('auto' = the cluster `ray start` runs on this machine); default: RAY_ADDRESS (set by `ray job submit`), else a new local Ray.")
     cpu_batch_size: int = Field(4, gt=0, description="Inputs per preprocessing batch (CPU actors).")
-    model_batch_size: int = Field(4, gt=0, description="Items per generate() call on a model actor.")
+    model_batch_size: int = Field(4, gt=0, description="Items per Ray Data batch sent to a model actor; its engine batches across all batches in flight.")
     num_cpu_workers: int = Field(1, gt=0, description="Preprocessing (decode, rasterize, tile) actors.")
     cpus_per_cpu_worker: float = Field(1.0, gt=0, description="CPUs reserved by each preprocessing actor.")
     num_model_workers_min: int = Field(1, gt=0, description="Minimum model actors.")
@@ -62,6 +64,10 @@ class JobConfig(BaseModel):
     cpus_per_model_worker: float = Field(1.0, gt=0, description="CPUs reserved by each model actor.")
     gpus_per_worker: float | None = Field(None, ge=0, description="GPUs per model actor; default 1 when the cluster has GPUs, else 0 (model on CPU).")
     model_threads: int | None = Field(None, gt=0, description="torch threads in a CPU model actor; default: its CPU reservation, at least 1.")
+    batches_in_flight: int | None = Field(None, gt=0, description="Ray Data batches each model actor works on at once, all feeding its one engine; default: enough to keep the engine full (2 x engine_max_seqs / model_batch_size, at least 2).")
+    engine_max_seqs: int | None = Field(None, gt=0, description="Sequences a model actor's engine decodes at once; default 256 on a GPU, 64 on CPU (also capped by the KV cache).")
+    engine_kv_cache_tokens: int | None = Field(None, gt=0, description="KV cache size in tokens; default: planned from the GPU's free memory (CPU: a quarter of the available RAM, at most 4 GiB).")
+    engine_max_step_tokens: int | None = Field(None, gt=0, description="Tokens per engine step (decode tokens + prefill chunks); default 8192 on a GPU, 1024 on CPU.")
     max_actor_restarts: int = Field(3, ge=-1, description="Restarts of a crashed actor (its batch is retried on the replacement); -1 = unlimited.")
 
     # --- decode limits ------------------------------------------------------------------------
@@ -132,6 +138,8 @@ class JobConfig(BaseModel):
             "repetition_penalty", "seed", "pdf_longest_side", "max_pixels",
         )
         payload = {k: getattr(self, k) for k in keys} | {"prompt": self.effective_prompt}
+        # options added later join the hash only when set, so earlier outputs keep their hash
+        payload |= {k: getattr(self, k) for k in ("no_repeat_ngram_size", "no_repeat_window") if getattr(self, k)}
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
     def public_dict(self) -> dict[str, Any]:

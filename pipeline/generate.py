@@ -1,16 +1,18 @@
-"""Model stage: a Ray Data class UDF that loads the model once per actor and generates for a batch.
+"""Model stage: a Ray Data async class UDF; one continuous-batching engine per actor.
 
-The batch arrives as packed numpy tensors (see preprocess); rows that are not `ok` pass through.
-A failing batch is retried item by item so that one poisonous input costs one error row, not
-the batch.
+Ray Data keeps several batches in flight per actor (`batches_in_flight`); each `__call__`
+submits its items to the actor's engine and awaits them, so the engine decodes the sequences of
+all those batches together and refills a finished sequence's place at once, while Ray Data's
+batches stay small and rows keep streaming to the sink. Rows that are not `ok` pass through.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
+import math
 import os
-import time
 from pathlib import Path
 
 import numpy as np
@@ -52,23 +54,30 @@ def checkpoint_fingerprint(local_dir: str | os.PathLike) -> str:
     return "sha256:" + h.hexdigest()[:16]
 
 
-def trim_generated(ids: np.ndarray, eos_id: int, pad_id: int | None) -> list[int]:
-    """Tokens up to (not including) the first eos; generate() pads finished rows with eos."""
-    out: list[int] = []
-    for t in ids.tolist():
-        if t == eos_id:
-            break
-        if pad_id is not None and t == pad_id:
-            continue
-        out.append(int(t))
-    return out
+def item_seed(seed: int | None, item_id: str) -> int | None:
+    """Each item's own sampling seed: reproducible whatever batch or run the item lands in."""
+    if seed is None:
+        return None
+    return int(hashlib.sha256(f"{seed}:{item_id}".encode()).hexdigest()[:15], 16)
+
+
+def engine_limits(config: JobConfig) -> dict:
+    return {k: v for k, v in dict(max_seqs=config.engine_max_seqs, kv_cache_tokens=config.engine_kv_cache_tokens,
+                                  max_step_tokens=config.engine_max_step_tokens).items() if v is not None}
+
+
+def batches_in_flight(config: JobConfig, gpu: bool) -> int:
+    if config.batches_in_flight is not None:
+        return config.batches_in_flight
+    seqs = config.engine_max_seqs or (256 if gpu else 64)
+    return max(2, math.ceil(2 * seqs / config.model_batch_size))
 
 
 class Generate:
-    """Ray Data class UDF; `__call__` is pure apart from the model's own state."""
+    """Ray Data class UDF. `__call__` is a coroutine, so Ray runs several on one actor at once."""
 
     def __init__(self, config: JobConfig, model_path: str, crash_marker: str | None = None) -> None:
-        from model import load_pretrained, resolve_checkpoint
+        from model import Engine, SamplingParams, load_pretrained, resolve_checkpoint
 
         self.device = pick_device(config.device)
         if self.device.type == "cpu":
@@ -76,60 +85,47 @@ class Generate:
         self.dtype = pick_dtype(config.dtype, self.device)
         self.model, self.processor = load_pretrained(model_path, device=str(self.device), dtype=self.dtype)
         self.revision = config.model_revision or checkpoint_fingerprint(resolve_checkpoint(model_path))
-        self.gen_kwargs = dict(
-            max_new_tokens=config.max_new_tokens,
-            temperature=config.temperature,
-            top_p=config.top_p,
-            repetition_penalty=config.repetition_penalty,
-            seed=config.seed,
-        )
+        self.engine = Engine(self.model, self.processor, **engine_limits(config)).start()
+        self.params = SamplingParams(
+            max_new_tokens=config.max_new_tokens, temperature=config.temperature, top_p=config.top_p,
+            repetition_penalty=config.repetition_penalty, no_repeat_ngram_size=config.no_repeat_ngram_size,
+            no_repeat_window=config.no_repeat_window)
+        self.seed = config.seed
         self.crash_marker = crash_marker
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    async def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         n = len(batch["id"])
         status = batch["status"].astype(object).copy()
         error = batch["error"].astype(object).copy()
         text = np.array([""] * n, dtype=object)
         gen_tokens = np.zeros(n, dtype=np.int64)
         gen_ms = np.full(n, -1.0)
+        finish = np.array(["error" if status[i] == "error" else "" for i in range(n)], dtype=object)
         todo = [i for i in range(n) if status[i] == "ok"]
         if todo:
             self._maybe_crash()
-            try:
-                results = self._generate([batch["prep"][i] for i in todo])
-            except Exception:  # noqa: BLE001 - isolate the failing item(s) below
-                results = []
-                for i in todo:
-                    try:
-                        results.extend(self._generate([batch["prep"][i]]))
-                    except Exception as e:  # noqa: BLE001
-                        results.append(e)
+            results = await asyncio.gather(*(self._one(batch, i) for i in todo))
             for i, r in zip(todo, results):
-                if isinstance(r, Exception):
-                    status[i], error[i] = "error", redact(f"{batch['source'][i]}: generation failed: {type(r).__name__}: {r}")
+                finish[i] = r.finish_reason
+                if r.finish_reason == "error":
+                    status[i], error[i] = "error", redact(f"{batch['source'][i]}: {r.error}")
                 else:
-                    text[i], gen_tokens[i], gen_ms[i] = r
+                    text[i] = self.processor.decode(r.tokens, skip_special_tokens=False)
+                    gen_tokens[i], gen_ms[i] = len(r.tokens), r.total_ms
         out = {k: v for k, v in batch.items() if k != "prep"}  # the tensors are spent; do not ship them on
         out.update(status=status, error=error, text=text, generated_tokens=gen_tokens, generate_ms=gen_ms,
-                   model_revision=np.array([self.revision] * n, dtype=object))
+                   finish_reason=finish, model_revision=np.array([self.revision] * n, dtype=object))
         return out
 
-    def _generate(self, blobs: list[bytes]) -> list[tuple[str, int, float]]:
+    async def _one(self, batch: dict[str, np.ndarray], i: int):
+        from model import Result
 
-        preps = [self.processor.unpack(unpack_arrays(b)) for b in blobs]
-        inputs = self.processor.collate(preps).to(self.device, dtype=self.dtype)
-        t0 = time.perf_counter()
-        with torch.inference_mode():
-            tokens = self.model.generate(inputs, **self.gen_kwargs)
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-        ms = (time.perf_counter() - t0) * 1000.0  # the batch's wall time: what each of its items waited
-        eos, pad = self.processor.eos_id, getattr(self.processor, "pad_id", None)
-        out = []
-        for row in tokens.cpu().numpy():
-            ids = trim_generated(row, eos, pad if pad != eos else None)
-            out.append((self.processor.decode(ids, skip_special_tokens=False), len(ids), ms))
-        return out
+        try:
+            prep = self.processor.unpack(unpack_arrays(batch["prep"][i]))
+            params = self.params.model_copy(update={"seed": item_seed(self.seed, str(batch["id"][i]))})
+            return await asyncio.wrap_future(self.engine.submit(prep, params))
+        except Exception as e:  # noqa: BLE001 - one bad item is one error row
+            return Result([], "error", f"generation failed: {type(e).__name__}: {e}")
 
     def _maybe_crash(self) -> None:
         marker = self.crash_marker

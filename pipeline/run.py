@@ -18,7 +18,7 @@ from connectors.sinks import open_sink
 from pipeline.checkpoint import resolve_model
 from pipeline.config import JobConfig
 from pipeline.contact_sheet import ContactSheet
-from pipeline.generate import CRASH_ENV, Generate
+from pipeline.generate import CRASH_ENV, Generate, batches_in_flight
 from pipeline.postprocess import postprocess
 from pipeline.preprocess import Preprocess, source_options
 from pipeline.summary import Summary, Tally, side_path
@@ -107,12 +107,16 @@ def _model_stages(ds: Any, config: JobConfig, model_path: str, done: frozenset[s
         batch_format="numpy",
         **restarts,
     )
+    gpus = _gpus_per_worker(config)
+    # Several batches in flight per actor, all feeding the actor's one engine (Generate is async).
+    in_flight = batches_in_flight(config, gpu=gpus > 0)
     ds = ds.map_batches(
         Generate,
         fn_constructor_kwargs=dict(config=config, model_path=model_path, crash_marker=os.environ.get(CRASH_ENV)),
         batch_size=config.model_batch_size,
-        compute=ActorPoolStrategy(min_size=config.num_model_workers_min, max_size=config.num_model_workers_max),
-        num_gpus=_gpus_per_worker(config),
+        compute=ActorPoolStrategy(min_size=config.num_model_workers_min, max_size=config.num_model_workers_max,
+                                  max_tasks_in_flight_per_actor=in_flight, max_concurrent_calls_per_actor=in_flight),
+        num_gpus=gpus,
         num_cpus=config.cpus_per_model_worker,
         batch_format="numpy",
         **restarts,
