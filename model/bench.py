@@ -1,9 +1,17 @@
-"""Model benchmark: load time, peak memory and generation throughput on a synthetic workload.
+"""Generation benchmark: the engine against plain `model.generate`, with the roofline it is held to.
 
     python -m model.bench --checkpoint DIR --workload {page,catalog} --device {cpu,cuda} --requests N
 
-Prints progress lines, then one JSON line with the figures (the last line). The bf16-on-GPU
-acceptance check (real-size tiny plus the reference fixtures) is `bench/gpu_check.py`, which calls this.
+Workloads (synthetic images, random-weight checkpoints of any size, e.g. `model.smoke --size full`):
+  page     one 768x1152 page (2x3 tiles + global view, ~1,450 prompt tokens), exactly 700 new tokens each
+  catalog  one 1024x768 photo, exactly 150 new tokens each
+EOS is ignored so every request generates exactly its tokens. Variants, in one run:
+  engine        all requests through one `Engine` (continuous batching)
+  static_batch  `model.generate` on static batches of --batch-size (the pre-engine model stage)
+  baseline      `model.generate` one request at a time (--baseline-requests of them)
+Prints a line per variant, then one JSON line (the last line) with the engine's figures
+(`items_per_s`, `prefill_tokens_per_s`, `decode_tokens_per_s`, `vision_tiles_per_s`, `roofline_fraction`, ...),
+`baseline_items_per_s`, `speedup` (engine / baseline) and the other variants' figures.
 """
 from __future__ import annotations
 
@@ -16,27 +24,31 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from . import load_pretrained
+from . import Engine, SamplingParams, load_pretrained
+from .roofline import measure_device, model_shapes, roofline, workload_cost
 
 PROMPTS = {
     "page": "<image>\n<|grounding|>Convert the document to markdown.",
     "catalog": "<image>\n<|grounding|>Describe the items in this photo and read any label text.",
 }
+NEW_TOKENS = {"page": 700, "catalog": 150}
+SIZES = {"page": (768, 1152), "catalog": (1024, 768)}
 
 
 def synthetic_image(workload: str, i: int) -> Image.Image:
-    """A page of text lines (portrait, ~1288 px) or a cluttered shelf photo (landscape)."""
+    """A page of text lines (portrait 768x1152) or a cluttered shelf photo (landscape 1024x768)."""
     rng = np.random.default_rng(i)
+    w, h = SIZES[workload]
     if workload == "page":
-        img = Image.new("RGB", (996, 1288), "white")
+        img = Image.new("RGB", (w, h), "white")
         d = ImageDraw.Draw(img)
-        for y in range(60, 1230, 28):
-            d.text((70, y), " ".join("lorem%d" % rng.integers(1000) for _ in range(9)), fill="black")
+        for y in range(50, h - 50, 24):
+            d.text((50, y), " ".join("lorem%d" % rng.integers(1000) for _ in range(8)), fill="black")
         return img
-    img = Image.fromarray(rng.integers(0, 255, (768, 1024, 3), dtype=np.uint8))
+    img = Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8))
     d = ImageDraw.Draw(img)
     for _ in range(6):
-        x, y = int(rng.integers(0, 800)), int(rng.integers(0, 600))
+        x, y = int(rng.integers(0, w - 200)), int(rng.integers(0, h - 160))
         d.rectangle([x, y, x + 180, y + 140], fill=tuple(int(c) for c in rng.integers(0, 255, 3)))
         d.text((x + 10, y + 10), "SKU-%05d" % rng.integers(99999), fill="white")
     return img
@@ -53,6 +65,24 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def _timed(device: str, fn):
+    sync(device)
+    t0 = time.perf_counter()
+    out = fn()
+    sync(device)
+    return out, time.perf_counter() - t0
+
+
+def run_static(model, processor, prepared, batch: int, new_tokens: int, device: str) -> float:
+    """Wall seconds of `model.generate` over `prepared` in static batches of `batch`, EOS ignored."""
+    def go():
+        for s in range(0, len(prepared), batch):
+            out = model.generate(processor.collate(prepared[s : s + batch]).to(device), max_new_tokens=new_tokens,
+                                 eos_token_id=-1)
+            assert out.shape[1] == new_tokens
+    return _timed(device, go)[1]
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", required=True, help="local dir, s3:// URL or hub id")
@@ -60,18 +90,26 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", choices=["bfloat16", "float32"], default=None,
                     help="default: bfloat16 on cuda, float32 on cpu")
-    ap.add_argument("--requests", type=int, default=8)
-    ap.add_argument("--batch-size", type=int, default=4)
-    ap.add_argument("--max-new-tokens", type=int, default=32)
+    ap.add_argument("--requests", type=int, default=16)
+    ap.add_argument("--max-new-tokens", type=int, default=None, help="default: 700 (page) or 150 (catalog)")
     ap.add_argument("--images-per-request", type=int, default=1)
+    ap.add_argument("--batch-size", type=int, default=4, help="static_batch variant's batch size")
+    ap.add_argument("--baseline-requests", type=int, default=None,
+                    help="requests for the one-at-a-time baseline (default: all on cpu, 2 on cuda)")
+    ap.add_argument("--skip-static", action="store_true", help="do not run the static_batch variant")
+    ap.add_argument("--max-seqs", type=int, default=None)
+    ap.add_argument("--kv-cache-tokens", type=int, default=None)
+    ap.add_argument("--max-step-tokens", type=int, default=None)
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32"))
+    new_tokens = args.max_new_tokens or NEW_TOKENS[args.workload]
     torch.manual_seed(0)
 
-    t0 = time.perf_counter()
-    model, processor = load_pretrained(args.checkpoint, device=args.device, dtype=dtype)
-    sync(args.device)
-    load_s = time.perf_counter() - t0
+    (model, processor), load_s = _timed(args.device, lambda: load_pretrained(args.checkpoint, device=args.device,
+                                                                               dtype=dtype))
     load_mem = peak_memory_gb(args.device)
     print(f"loaded {args.checkpoint} on {args.device} {dtype} in {load_s:.1f}s", flush=True)
 
@@ -81,36 +119,80 @@ def main(argv: list[str] | None = None) -> dict:
     conv = [{"role": "<|User|>", "content": content}, {"role": "<|Assistant|>", "content": ""}]
     prepared = [processor.prepare(conv, [synthetic_image(args.workload, i * n_img + k) for k in range(n_img)])
                 for i in range(args.requests)]
-    # warm-up (allocator, kernels) on one small batch, not timed
+    prompt_lens = [len(p) for p in prepared]
+    tiles = sum(int(sum(1 + w * h for w, h in p.images_spatial_crop.tolist() if w and h)) for p in prepared)
+    limits = {k: v for k, v in dict(max_seqs=args.max_seqs, kv_cache_tokens=args.kv_cache_tokens,
+                                    max_step_tokens=args.max_step_tokens).items() if v}
+    engine = Engine(model, processor, **limits)
+    params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
+    engine.generate(prepared[:1], SamplingParams(max_new_tokens=2, ignore_eos=True))  # warm-up, not timed
     model.generate(processor.collate(prepared[:1]).to(args.device), max_new_tokens=2)
-    sync(args.device)
+    engine.stats.clear()
+    if args.device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
 
-    prompt_tokens = gen_tokens = 0
-    t0 = time.perf_counter()
-    for s in range(0, len(prepared), args.batch_size):
-        batch = processor.collate(prepared[s : s + args.batch_size]).to(args.device)
-        out = model.generate(batch, max_new_tokens=args.max_new_tokens, eos_token_id=-1)
-        prompt_tokens += int(batch.attention_mask.sum())
-        gen_tokens += out.numel()
-    sync(args.device)
-    wall = time.perf_counter() - t0
+    results, wall = _timed(args.device, lambda: engine.generate(prepared, params))
+    assert all(r.finish_reason == "length" and len(r.tokens) == new_tokens for r in results), \
+        [(r.finish_reason, r.error) for r in results if r.finish_reason != "length"][:3]
+    steps = engine.stats["steps"]
+    gen_tokens = sum(len(r.tokens) for r in results)
+    peak = peak_memory_gb(args.device)
+    rates = measure_device(torch.device(args.device), dtype)
+    cost = workload_cost(model_shapes(model), tiles=tiles, prompt_lens=prompt_lens,
+                         new_tokens=[new_tokens] * len(prepared), steps=steps,
+                         tokens_per_step=(sum(prompt_lens) + gen_tokens) / max(steps, 1))
+    roof = roofline(cost, rates)
+    items_per_s = len(prepared) / wall
+    print(f"engine: {items_per_s:.3f} items/s, {steps} steps, {wall:.2f}s", flush=True)
+
+    static_s = None
+    if not args.skip_static:
+        static_s = run_static(model, processor, prepared, args.batch_size, new_tokens, args.device)
+        print(f"static_batch (batch {args.batch_size}): {len(prepared) / static_s:.3f} items/s", flush=True)
+    n_base = args.baseline_requests or (len(prepared) if args.device == "cpu" else min(2, len(prepared)))
+    base_s = run_static(model, processor, prepared[:n_base], 1, new_tokens, args.device)
+    baseline = n_base / base_s
+    print(f"baseline (one at a time): {baseline:.3f} items/s", flush=True)
+
     result = {
         "checkpoint": str(args.checkpoint),
         "workload": args.workload,
         "device": args.device,
         "device_name": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
         "dtype": str(dtype).replace("torch.", ""),
-        "requests": args.requests,
-        "batch_size": args.batch_size,
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "requests": len(prepared),
         "images_per_request": n_img,
+        "new_tokens_per_request": new_tokens,
+        "batch_size": args.batch_size,
         "load_s": round(load_s, 2),
         "load_peak_gb": round(load_mem, 3),
-        "peak_gb": round(peak_memory_gb(args.device), 3),
+        "peak_gb": round(peak, 3),
+        "engine_plan": {"kv_cache_tokens": engine.plan.tokens, "max_seqs": engine.plan.max_seqs,
+                        "max_step_tokens": engine.plan.max_step_tokens, "block_size": engine.plan.block_size},
         "wall_s": round(wall, 3),
-        "requests_per_s": round(args.requests / wall, 3),
-        "prompt_tokens": prompt_tokens,
+        "steps": steps,
+        "prompt_tokens": sum(prompt_lens),
         "generated_tokens": gen_tokens,
-        "generated_tokens_per_s": round(gen_tokens / wall, 2),
+        "vision_tiles": tiles,
+        "items_per_s": round(items_per_s, 4),
+        "requests_per_s": round(items_per_s, 4),
+        "prefill_tokens_per_s": round(sum(prompt_lens) / wall, 1),
+        "decode_tokens_per_s": round(gen_tokens / wall, 1),
+        "generated_tokens_per_s": round(gen_tokens / wall, 1),
+        "vision_tiles_per_s": round(tiles / wall, 2),
+        "device_rates": {k: float(f"{v:.4g}") for k, v in rates.items()},
+        "cost": {k: float(f"{v:.4g}") for k, v in cost.items()},
+        "roofline": {k: (float(f"{v:.4g}") if isinstance(v, float) else v) for k, v in roof.items()},
+        "roofline_fraction": round(roof["bound_s"] / wall, 4),
+        "roofline_items_per_s": round(len(prepared) / roof["bound_s"], 3),
+        "static_batch_items_per_s": round(len(prepared) / static_s, 4) if static_s else None,
+        "speedup_vs_static_batch": round(static_s / wall, 2) if static_s else None,
+        "baseline_requests": n_base,
+        "baseline_items_per_s": round(baseline, 4),
+        "speedup": round(items_per_s / baseline, 2),
+        "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     print(json.dumps(result), flush=True)
     return result

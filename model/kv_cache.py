@@ -98,7 +98,7 @@ def plan_cache(
 
     CUDA: `memory_fraction` of the free memory after the weights are loaded, less a reserve for
     activations of a full step (vision chunk, prefill chunk, logits). CPU: a quarter of the
-    available RAM, at most 4 GiB (a CPU engine is for tests and small jobs). `kv_cache_tokens` or
+    available RAM up to 1 GiB (a CPU engine is for tests and small jobs; the cache is zeroed, so it is resident). `kv_cache_tokens` or
     `memory_budget_bytes` override the plan."""
     per_token = bytes_per_token(entry_shapes, dtype)
     cuda = device.type == "cuda"
@@ -113,7 +113,7 @@ def plan_cache(
         reserve = activation_reserve_bytes if activation_reserve_bytes is not None else max(2 * 2**30, free // 10)
         budget = max(int(free * memory_fraction) - reserve, 0)
     else:
-        budget = min(_host_available_bytes() // 4, 4 * 2**30)
+        budget = min(_host_available_bytes() // 8, 2**30)
     num_blocks = budget // (per_token * block_size)
     if num_blocks < 1:
         raise MemoryError(f"no room for a KV cache: budget {budget} bytes, {per_token * block_size} bytes per block")

@@ -66,7 +66,7 @@ class JobConfig(BaseModel):
     model_threads: int | None = Field(None, gt=0, description="torch threads in a CPU model actor; default: its CPU reservation, at least 1.")
     batches_in_flight: int | None = Field(None, gt=0, description="Ray Data batches each model actor works on at once, all feeding its one engine; default: enough to keep the engine full (2 x engine_max_seqs / model_batch_size, at least 2).")
     engine_max_seqs: int | None = Field(None, gt=0, description="Sequences a model actor's engine decodes at once; default 256 on a GPU, 64 on CPU (also capped by the KV cache).")
-    engine_kv_cache_tokens: int | None = Field(None, gt=0, description="KV cache size in tokens; default: planned from the GPU's free memory (CPU: a quarter of the available RAM, at most 4 GiB).")
+    engine_kv_cache_tokens: int | None = Field(None, gt=0, description="KV cache size in tokens; default: planned from the GPU's free memory (CPU: an eighth of the available RAM, at most 1 GiB).")
     engine_max_step_tokens: int | None = Field(None, gt=0, description="Tokens per engine step (decode tokens + prefill chunks); default 8192 on a GPU, 1024 on CPU.")
     max_actor_restarts: int = Field(3, ge=-1, description="Restarts of a crashed actor (its batch is retried on the replacement); -1 = unlimited.")
 

@@ -10,15 +10,22 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def test_bench_prints_json_report(tmp_path):
+    """The engine benchmark on CPU with a mini checkpoint: every variant runs, the report has its figures."""
     ckpt = write_smoke_checkpoint(tmp_path / "tiny", "tiny", "mini", seed=2)
     out = subprocess.run(
-        [sys.executable, "-m", "model.bench", "--checkpoint", str(ckpt), "--workload", "page", "--device", "cpu",
-         "--requests", "2", "--batch-size", "2", "--max-new-tokens", "3"],
+        [sys.executable, "-m", "model.bench", "--checkpoint", str(ckpt), "--workload", "catalog", "--device", "cpu",
+         "--requests", "4", "--batch-size", "2", "--max-new-tokens", "5"],
         capture_output=True, text=True, check=True, timeout=300,
     ).stdout.strip().splitlines()
     report = json.loads(out[-1])
-    assert report["requests"] == 2 and report["generated_tokens"] == 6
-    assert report["generated_tokens_per_s"] > 0 and report["peak_gb"] > 0
+    assert report["requests"] == 4 and report["generated_tokens"] == 20 and report["new_tokens_per_request"] == 5
+    for key in ("items_per_s", "prefill_tokens_per_s", "decode_tokens_per_s", "vision_tiles_per_s",
+                "baseline_items_per_s", "static_batch_items_per_s", "speedup"):
+        assert report[key] > 0, key
+    assert 0 < report["roofline_fraction"] <= 1
+    assert report["speedup"] == round(report["items_per_s"] / report["baseline_items_per_s"], 2)
+    assert report["vision_tiles"] == 4 * 7  # 1024x768 photo: 3x2 tiles + the global view
+    assert report["prompt_tokens"] > 4 * 900 and report["cost"]["vision_flops"] > 0
 
 
 def test_gpu_check_dry_run_on_cpu(tmp_path, fixtures_dir):
