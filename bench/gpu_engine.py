@@ -1,0 +1,143 @@
+"""The engine's GPU check, in one call (after bench/gpu_check.py, which writes the real-size tiny checkpoint).
+
+    python bench/gpu_engine.py --device cuda --checkpoint /tmp/pagemill-tiny-full \
+        --fixtures .fixtures/tiny_mha-seed1 .fixtures/small_mla-seed1 --json $OUT/gpu_engine.json
+
+1. `model.bench` on the real-size checkpoint for the page and catalog workloads (bf16): items/s, prefill and
+   decode tokens/s, vision tiles/s, peak memory, roofline fraction, and the one-at-a-time baseline in the same run.
+2. Per fixture case: the engine's bf16 greedy tokens against `model.generate`'s bf16 tokens and against the
+   reference's float32 tokens (leading tokens that agree).
+3. The pipeline's model stage on the device without Ray: `Preprocess` then the `Generate` UDF's `__call__` on
+   one packed batch of the bundled samples, constructed directly (needs pyyaml and pypdfium2 besides pydantic).
+`--size mini` rehearses all of it on CPU in a minute. The last line printed is the JSON written to `--json`.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import tempfile
+import time
+import traceback
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from model import Engine, SamplingParams, load_pretrained  # noqa: E402
+from model import bench as model_bench  # noqa: E402
+from model.smoke import write_smoke_checkpoint  # noqa: E402
+
+
+def _free(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def _agree(got: list[int], want: list[int]) -> int:
+    return next((k for k, (a, b) in enumerate(zip(got, want)) if a != b), min(len(got), len(want)))
+
+
+def engine_vs_generate(fixture: Path, device: str, dtype: torch.dtype, n: int = 8) -> dict:
+    from tests.test_model_golden import load_cases
+
+    model, processor = load_pretrained(str(fixture), device=device, dtype=dtype)
+    cases = load_cases(Path(str(fixture) + ".golden.npz"))
+    preps = {c: processor.prepare(g["conversation"], g["images"]) for c, g in cases.items()}
+    engine = Engine(model, processor, kv_cache_tokens=32768)
+    got = engine.generate(list(preps.values()), SamplingParams(max_new_tokens=n, ignore_eos=True))
+    out = {}
+    for (case, prep), r in zip(preps.items(), got):
+        ref = model.generate(processor.collate([prep]).to(device), max_new_tokens=n, eos_token_id=-1)[0].tolist()
+        want = cases[case]["gen_tokens"].reshape(-1).tolist()
+        out[case] = {"engine_vs_generate": _agree(r.tokens, ref), "engine_vs_reference_fp32": _agree(r.tokens, want),
+                     "generate_vs_reference_fp32": _agree(ref, want), "of": n}
+    del engine, model
+    _free(device)
+    return out
+
+
+def pipeline_stage(checkpoint: Path, device: str) -> dict:
+    """Preprocess + Generate.__call__ on the samples, on `device`, no Ray."""
+    from pipeline.config import JobConfig
+    from pipeline.generate import Generate
+    from pipeline.preprocess import Preprocess, source_options
+    from pipeline.source import iter_ref_blocks
+
+    out_dir = tempfile.mkdtemp(prefix="pagemill-gpu-")
+    config = JobConfig(input=str(REPO / "samples"), output=f"sqlite:///{out_dir}/rows.db", model=str(checkpoint),
+                       device=device, max_new_tokens=64, cpu_batch_size=8, model_batch_size=8)
+    pre = Preprocess(config, str(checkpoint))
+    parts: dict[str, list] = {}
+    for block in iter_ref_blocks(config.input, source_options(config), None):
+        refs = {k: np.array(block.column(k).to_pylist(), dtype=object) for k in block.column_names}
+        for b in pre(refs):
+            for k, v in b.items():
+                parts.setdefault(k, []).append(v)
+    batch = {k: np.concatenate(v) for k, v in parts.items()}
+    t0 = time.perf_counter()
+    gen = Generate(config, str(checkpoint))
+    load_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    res = asyncio.run(gen(batch))
+    wall = time.perf_counter() - t0
+    gen.engine.close()
+    return {"items": len(res["id"]), "status": [str(s) for s in res["status"]],
+            "finish_reason": [str(f) for f in res["finish_reason"]],
+            "generated_tokens": [int(t) for t in res["generated_tokens"]],
+            "errors": [str(e) for e in res["error"] if str(e)], "load_s": round(load_s, 2), "wall_s": round(wall, 3),
+            "device": str(gen.device), "dtype": str(gen.dtype)}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--checkpoint", type=Path, default=Path("/tmp/pagemill-tiny-full"))
+    ap.add_argument("--size", choices=["mini", "full"], default="full", help="mini: a quick rehearsal on CPU")
+    ap.add_argument("--fixtures", type=Path, nargs="*", default=[])
+    ap.add_argument("--page-requests", type=int, default=256)
+    ap.add_argument("--catalog-requests", type=int, default=512)
+    ap.add_argument("--max-new-tokens", type=int, default=None, help="override the workloads' 700/150 (rehearsal)")
+    ap.add_argument("--json", type=Path, default=None)
+    args = ap.parse_args(argv)
+    dtype = torch.bfloat16 if args.device.startswith("cuda") or args.size == "full" else torch.float32
+    result: dict = {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d"), "device": args.device,
+                    "device_name": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
+                    "torch": torch.__version__}
+    if not (args.checkpoint / "config.json").exists():
+        t0 = time.perf_counter()
+        write_smoke_checkpoint(args.checkpoint, "tiny", size=args.size, seed=0, dtype="bfloat16")
+        result["write_checkpoint_s"] = round(time.perf_counter() - t0, 1)
+
+    def step(name, fn):
+        print(f"{name} ...", flush=True)
+        try:
+            result[name] = fn()
+        except Exception as e:  # noqa: BLE001 - record and go on: one failing part must not lose the others
+            result[name] = {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()[-3000:]}
+        _free(args.device)
+        if args.json:  # written after every part, so a time-out still leaves the figures so far
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps(result, indent=1) + "\n")
+
+    extra = ["--max-new-tokens", str(args.max_new_tokens)] if args.max_new_tokens else []
+    for workload, n in (("page", args.page_requests), ("catalog", args.catalog_requests)):
+        step(f"tiny_{workload}", lambda w=workload, n=n: model_bench.main([
+            "--checkpoint", str(args.checkpoint), "--device", args.device, "--dtype", str(dtype).split(".")[1],
+            "--workload", w, "--requests", str(n), "--baseline-requests", "1", "--skip-static", *extra]))
+    for fixture in args.fixtures:
+        step(f"engine_vs_generate_{fixture.name}", lambda f=fixture: engine_vs_generate(f, args.device, dtype))
+    step("pipeline_stage", lambda: pipeline_stage(args.checkpoint, args.device))
+    print(json.dumps(result), flush=True)
+    return result
+
+
+if __name__ == "__main__":
+    main()
