@@ -45,3 +45,21 @@ def test_gpu_check_dry_run_on_cpu(tmp_path, fixtures_dir):
     assert all(row["float32_agree"] == row["of"] == 8 for row in cases.values())
     assert all(0 <= row["bfloat16_agree"] <= 8 for row in cases.values())
     assert report["bf16_cases_agreeing_8"].endswith("/5")
+
+
+def test_gpu_engine_rehearsal_on_cpu(tmp_path, fixtures_dir):
+    """The engine's one-call GPU script, rehearsed on CPU with a mini checkpoint: every part runs, the
+    engine's float32 tokens equal model.generate's, and the model stage runs without Ray."""
+    out = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "gpu_engine.py"), "--device", "cpu", "--size", "mini",
+         "--checkpoint", str(tmp_path / "tiny"), "--page-requests", "2", "--catalog-requests", "2",
+         "--max-new-tokens", "2", "--fixtures", str(fixtures_dir / "tiny_mha-seed1"), "--json", str(tmp_path / "r.json")],
+        capture_output=True, text=True, check=True, timeout=600,
+    ).stdout.strip().splitlines()
+    report = json.loads(out[-1])
+    assert not [k for k, v in report.items() if isinstance(v, dict) and "error" in v]
+    assert report["tiny_page"]["generated_tokens"] == 4 and report["tiny_catalog"]["baseline_items_per_s"] > 0
+    cases = report["engine_vs_generate_tiny_mha-seed1"]
+    assert len(cases) == 5 and all(c["engine_vs_generate"] == c["of"] == 8 for c in cases.values())
+    stage = report["pipeline_stage"]
+    assert stage["items"] == 4 and stage["status"] == ["ok"] * 4 and set(stage["finish_reason"]) <= {"eos", "length"}
