@@ -212,10 +212,20 @@ class MLAttention(nn.Module):
         return torch.cat([q_lat, q_pe], dim=-1), (latent, k_pe)
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask=None, is_causal: bool = False):
-        """q [B,H,q,rank+rope]; k [B,1,kv,rank+rope]; v [B,1,kv,rank] (one latent head shared by all)."""
-        b, h = q.shape[0], self.heads
-        k, v = k.expand(b, h, -1, -1), v.expand(b, h, -1, -1)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=self.scale)
+        """q [B,H,q,rank+rope]; k [B,1,kv,rank+rope]; v [B,1,kv,rank] (one latent head shared by all).
+
+        The latent is one key/value head for every query head (MQA), so the heads fold into the
+        query rows of one matmul: the cache is read once, never expanded per head (SDPA would
+        materialize the expanded keys)."""
+        b, h, q_len, d = q.shape
+        kv = k.shape[2]
+        scores = torch.matmul(q.reshape(b, h * q_len, d), k[:, 0].transpose(1, 2)).view(b, h, q_len, kv)
+        if is_causal:
+            mask = torch.ones(q_len, kv, dtype=torch.bool, device=q.device).tril(kv - q_len)
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        p = (scores.float() * self.scale).softmax(-1).to(q.dtype)
+        y = torch.matmul(p.view(b, h * q_len, kv), v[:, 0]).view(b, h, q_len, -1)
         w = self.kv_b_proj.weight.view(self.heads, self.nope + self.v_dim, self.rank)
         y = y @ w[:, self.nope :].transpose(1, 2)  # [B,H,q,v_dim]
         return self.o_proj(y.transpose(1, 2).reshape(b, q.shape[2], -1))
