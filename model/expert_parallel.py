@@ -84,35 +84,52 @@ class ExpertParallelMoE(nn.Module):
         counts = torch.bincount(flat, minlength=self.num_experts)
         local = self.bounds[self.rank + 1] - self.first
         recv_counts = torch.empty(self.world * local, dtype=counts.dtype, device=counts.device)
-        timing = self.traffic is not None
-        t0 = self._clock() if timing else 0.0
-        dist.all_to_all_single(recv_counts, counts, [local] * self.world,
-                               [b - a for a, b in zip(self.bounds, self.bounds[1:])], group=self.group)
-        host = torch.cat([counts, recv_counts]).tolist()  # the one host sync: split sizes are host ints
+        clock = _Clock(self.traffic is not None, self.gate.weight.device.type == "cuda")
+        with clock:
+            dist.all_to_all_single(recv_counts, counts, [local] * self.world,
+                                   [b - a for a, b in zip(self.bounds, self.bounds[1:])], group=self.group)
+            host = torch.cat([counts, recv_counts]).tolist()  # the one host sync: split sizes are host ints
         sent = [sum(host[a:b]) for a, b in zip(self.bounds, self.bounds[1:])]
         got = [sum(host[self.num_experts + s * local : self.num_experts + (s + 1) * local]) for s in range(self.world)]
 
         tokens = x[order // k]
         received = x.new_empty(sum(got), self.hidden)
-        dist.all_to_all_single(received, tokens, got, sent, group=self.group)
+        with clock:
+            dist.all_to_all_single(received, tokens, got, sent, group=self.group)
         if received.shape[0]:
             # received rows come per source rank, each sorted by local expert
             experts = torch.arange(local, device=x.device).repeat(self.world).repeat_interleave(recv_counts)
             ones = torch.ones(received.shape[0], 1, dtype=torch.float32, device=x.device)
             received = self.experts(received, experts[:, None], ones)  # weight 1: exact in any dtype
         back = torch.empty_like(tokens)
-        dist.all_to_all_single(back, received, sent, got, group=self.group)
-        if timing:
-            self.traffic.exchanges.append(Exchange(sent, got, self._clock() - t0))
+        with clock:
+            dist.all_to_all_single(back, received, sent, got, group=self.group)
+        if self.traffic is not None:
+            self.traffic.exchanges.append(Exchange(sent, got, clock.seconds))
 
         y = torch.empty_like(back)
         y[order] = back
         return (y.view(m, k, self.hidden).float() * weight[..., None]).sum(1).to(x.dtype)
 
-    def _clock(self) -> float:
-        if self.gate.weight.device.type == "cuda":
+
+class _Clock:
+    """When on, sums the seconds spent inside its `with` blocks (after a device sync on CUDA, so work
+    queued before a collective is not counted as the collective's); when off, costs nothing."""
+
+    def __init__(self, on: bool, cuda: bool):
+        self.on, self.sync, self.seconds, self._t = on, on and cuda, 0.0, 0.0
+
+    def __enter__(self) -> None:
+        if self.sync:
             torch.cuda.synchronize()
-        return time.perf_counter()
+        if self.on:
+            self._t = time.perf_counter()
+
+    def __exit__(self, *exc: object) -> None:
+        if self.sync:
+            torch.cuda.synchronize()
+        if self.on:
+            self.seconds += time.perf_counter() - self._t
 
 
 class ExpertParallel:
