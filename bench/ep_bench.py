@@ -22,7 +22,7 @@ import argparse
 import datetime
 import json
 import platform
-import socket
+import statistics
 import sys
 import tempfile
 import time
@@ -64,10 +64,21 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def _timed(fn) -> float:
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
+def _time_steps(model, device: str) -> list[float]:
+    """Time every decoder call of `model` from now on (seconds, device-synced); the list fills as it runs."""
+    times: list[float] = []
+    decoder = model.language.forward
+
+    def timed(*args, **kwargs):
+        _sync(device)
+        t0 = time.perf_counter()
+        out = decoder(*args, **kwargs)
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+        return out
+
+    model.language.forward = timed
+    return times
 
 
 def _rank(rank: int, world: int, port: int, cfg: dict, out: str) -> None:
@@ -77,23 +88,23 @@ def _rank(rank: int, world: int, port: int, cfg: dict, out: str) -> None:
         torch.cuda.set_device(rank)
     else:
         torch.set_num_threads(cfg["threads"])
-    dist.init_process_group("nccl" if cuda else "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=world, timeout=datetime.timedelta(seconds=300))
+    _join(rank, world, port, 300, "nccl" if cuda else "gloo")
     dtype = getattr(torch, cfg["dtype"])
     model, _ = load_pretrained(cfg["checkpoint"], device=device, dtype=dtype, expert_parallel=True)
     lang = model.cfg.language_config
     inputs = _inputs(cfg["batch"], cfg["prompt"], lang.vocab_size, seed=rank, device=device)
-    gen = dict(eos_token_id=-1)  # never stops early: every rank runs every step
-    model.generate(inputs, max_new_tokens=2, **gen)  # warm-up
-    _sync(device)
+    gen = dict(max_new_tokens=cfg["new_tokens"], eos_token_id=-1)  # never stops early: all ranks run every step
+    model.generate(inputs, **gen)  # warm-up
+    steps = _time_steps(model, device)
     traffic = model.expert_parallel.record()
-    prefill_s = _timed(lambda: (model.generate(inputs, max_new_tokens=1, **gen), _sync(device)))
-    n_prefill = len(traffic.exchanges)
-    total_s = _timed(lambda: (model.generate(inputs, max_new_tokens=cfg["new_tokens"], **gen), _sync(device)))
-    ex = traffic.exchanges
-    prefill, decode = ex[:n_prefill], ex[2 * n_prefill:]  # second call: its prefill, then the decode steps
-    steps = cfg["new_tokens"] - 1
-    decode_s = total_s - prefill_s
+    for _ in range(cfg["repeats"]):
+        model.generate(inputs, **gen)
+    per_call = len(model.expert_parallel.layers)
+    n = cfg["new_tokens"]
+    prefill = [x for i, x in enumerate(traffic.exchanges) if (i // per_call) % n == 0]
+    decode = [x for i, x in enumerate(traffic.exchanges) if (i // per_call) % n != 0]
+    prefill_s = [t for i, t in enumerate(steps) if i % n == 0]
+    decode_s = [t for i, t in enumerate(steps) if i % n != 0]
     elem = torch.finfo(dtype).bits // 8
     row = lang.hidden_size * elem
     counts_out = 8 * (lang.n_routed_experts - model.expert_parallel.layers[0].experts.gate_proj.shape[0])
@@ -108,40 +119,51 @@ def _rank(rank: int, world: int, port: int, cfg: dict, out: str) -> None:
 
     p, d = moved(prefill), moved(decode)
     result = {
-        "rank": rank, "prefill_s": prefill_s, "decode_step_ms": 1e3 * decode_s / steps,
-        "a2a_share_prefill": p["a2a_s"] / prefill_s, "a2a_share_decode": d["a2a_s"] / decode_s,
-        "decode_bytes_sent_per_step": d["bytes_sent"] / steps,
+        "rank": rank, "prefill_ms": 1e3 * statistics.median(prefill_s),
+        "decode_step_ms": 1e3 * statistics.median(decode_s),
+        "a2a_share_prefill": p["a2a_s"] / sum(prefill_s), "a2a_share_decode": d["a2a_s"] / sum(decode_s),
+        "decode_bytes_sent_per_step": d["bytes_sent"] / len(decode_s),
         "decode_off_rank_share": d["off_rank_pairs"] / max(d["pairs"], 1),
-        "prefill_bytes_sent": p["bytes_sent"], "moe_calls_per_step": len(decode) / steps,
+        "prefill_bytes_sent": p["bytes_sent"] / len(prefill_s),
         "expert_param_bytes": sum(t.numel() * t.element_size() for m in model.expert_parallel.layers
                                   for t in m.experts.parameters()),
     }
     if world == 1:  # the plain model: what the EP layer costs by itself
         plain, _ = load_pretrained(cfg["checkpoint"], device=device, dtype=dtype)
-        plain.generate(inputs, max_new_tokens=2, **gen)
-        pre = _timed(lambda: (plain.generate(inputs, max_new_tokens=1, **gen), _sync(device)))
-        tot = _timed(lambda: (plain.generate(inputs, max_new_tokens=cfg["new_tokens"], **gen), _sync(device)))
-        result["plain_prefill_s"], result["plain_decode_step_ms"] = pre, 1e3 * (tot - pre) / steps
+        plain.generate(inputs, **gen)
+        steps = _time_steps(plain, device)
+        for _ in range(cfg["repeats"]):
+            plain.generate(inputs, **gen)
+        result["plain_prefill_ms"] = 1e3 * statistics.median(t for i, t in enumerate(steps) if i % n == 0)
+        result["plain_decode_step_ms"] = 1e3 * statistics.median(t for i, t in enumerate(steps) if i % n != 0)
     torch.save(result, Path(out) / f"rank{rank}.pt")
     dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _store() -> dist.TCPStore:
+    """The group's rendezvous, held by this process on a port the OS picked (no window for another
+    process to take it, as a probed "free" port would leave)."""
+    return dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+
+
+def _join(rank: int, world: int, port: int, timeout_s: float, backend: str = "gloo") -> None:
+    store = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=datetime.timedelta(seconds=timeout_s))
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=timeout_s))
 
 
 def run(world: int, cfg: dict) -> list[dict]:
     with tempfile.TemporaryDirectory() as out:
-        mp.start_processes(_rank, args=(world, _free_port(), cfg, out), nprocs=world, start_method="spawn")
+        store = _store()  # kept alive until the ranks are done
+        mp.start_processes(_rank, args=(world, store.port, cfg, out), nprocs=world, start_method="spawn")
         return [torch.load(Path(out) / f"rank{r}.pt") for r in range(world)]
 
 
 def project(measured: dict[int, float], variant: str, batch: int, bandwidth_gbs: float, latency_us: float,
             elem: int = 2) -> list[dict]:
     """Per decode step and rank: bytes = 2 (dispatch + combine) · batch · top_k · off-rank share · hidden · elem
-    per MoE layer; time = bytes / bandwidth + 3 all-to-alls · latency per MoE layer."""
+    per MoE layer; time = bytes / bandwidth + 3 all-to-alls · latency per MoE layer. Prefill: the same per
+    1000 prompt tokens in one step."""
     v = VARIANTS[variant]
     rows = []
     for n in (2, 4, 8):
@@ -150,9 +172,12 @@ def project(measured: dict[int, float], variant: str, batch: int, bandwidth_gbs:
         step_bytes = per_layer * v["moe_layers"]
         t_bw = step_bytes / (bandwidth_gbs * 1e9)
         t_lat = 3 * v["moe_layers"] * latency_us * 1e-6
+        prefill_bytes = step_bytes * 1000 / batch  # 1000 prompt tokens on this rank, one step
         rows.append({"world": n, "off_rank_share": share, "share_measured": n in measured,
-                     "bytes_per_decode_step": step_bytes, "comm_ms": 1e3 * (t_bw + t_lat),
-                     "bandwidth_ms": 1e3 * t_bw, "latency_ms": 1e3 * t_lat})
+                     "bytes_per_decode_step": step_bytes, "decode_comm_ms": 1e3 * (t_bw + t_lat),
+                     "decode_bandwidth_ms": 1e3 * t_bw, "decode_latency_ms": 1e3 * t_lat,
+                     "bytes_per_1k_prefill_tokens": prefill_bytes,
+                     "prefill_comm_ms_per_1k_tokens": 1e3 * (prefill_bytes / (bandwidth_gbs * 1e9) + t_lat)})
     return rows
 
 
@@ -170,6 +195,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--batch", type=int, default=4, help="sequences per rank")
     ap.add_argument("--prompt", type=int, default=64)
     ap.add_argument("--new-tokens", type=int, default=16)
+    ap.add_argument("--repeats", type=int, default=3, help="timed generate calls (medians of their steps)")
     ap.add_argument("--project-batch", type=int, default=64, help="sequences per rank in the projection")
     ap.add_argument("--bandwidth-gbs", type=float, nargs="+", default=[450.0, 50.0],
                     help="per-GPU all-to-all bandwidth, GB/s each way (NVLink 4 ~450, PCIe 5 x16 ~50)")
@@ -184,21 +210,21 @@ def main(argv: list[str] | None = None) -> dict:
         ckpt = args.checkpoint or str(write_smoke_checkpoint(Path(tmp) / "ckpt", args.variant, "mini", seed=0,
                                                              language_overrides=args.language))
         cfg = {"checkpoint": ckpt, "device": args.device, "dtype": dtype, "threads": args.threads,
-               "batch": args.batch, "prompt": args.prompt, "new_tokens": args.new_tokens}
+               "batch": args.batch, "prompt": args.prompt, "new_tokens": args.new_tokens,
+               "repeats": args.repeats}
         runs = {}
         for n in args.world:
             ranks = run(n, cfg)
             mean = lambda k: sum(r[k] for r in ranks) / n  # noqa: E731
             runs[n] = {
                 "decode_step_ms": max(r["decode_step_ms"] for r in ranks),
-                "prefill_s": max(r["prefill_s"] for r in ranks),
+                "prefill_ms": max(r["prefill_ms"] for r in ranks),
                 "a2a_share_decode": mean("a2a_share_decode"), "a2a_share_prefill": mean("a2a_share_prefill"),
                 "decode_bytes_sent_per_step": mean("decode_bytes_sent_per_step"),
                 "decode_off_rank_share": mean("decode_off_rank_share"),
                 "prefill_bytes_sent": mean("prefill_bytes_sent"),
-                "moe_calls_per_step": ranks[0]["moe_calls_per_step"],
                 "expert_param_bytes_per_rank": ranks[0]["expert_param_bytes"],
-                **({k: ranks[0][k] for k in ("plain_prefill_s", "plain_decode_step_ms")} if n == 1 else {}),
+                **({k: ranks[0][k] for k in ("plain_prefill_ms", "plain_decode_step_ms")} if n == 1 else {}),
             }
             print(f"N={n}: {json.dumps(runs[n])}", flush=True)
     measured = {n: r["decode_off_rank_share"] for n, r in runs.items() if n > 1}

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import datetime
 import os
-import socket
 import time
 import weakref
 from pathlib import Path
@@ -116,8 +115,7 @@ def call(model, fn: str, inputs, kw: dict):
 
 def _rank(rank: int, world: int, port: int, out: str) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                           timeout=datetime.timedelta(seconds=RANK_TIMEOUT_S))
+    _join(rank, world, port, RANK_TIMEOUT_S)
     reads = {"keys": [], "read": 0, "live": 0, "peak_live": 0}
     _count_reads(reads)
     calls = torch.load(Path(out) / "plan.pt", weights_only=False)
@@ -139,15 +137,22 @@ def _rank(rank: int, world: int, port: int, out: str) -> None:
     dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _store() -> dist.TCPStore:
+    """The group's rendezvous, held by this process on a port the OS picked (no window for another
+    process to take it, as a probed "free" port would leave)."""
+    return dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+
+
+def _join(rank: int, world: int, port: int, timeout_s: float, backend: str = "gloo") -> None:
+    store = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=datetime.timedelta(seconds=timeout_s))
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=timeout_s))
 
 
 def run_group(world: int, calls: dict, tmp: Path) -> list[dict]:
     torch.save(calls, tmp / "plan.pt")
-    ctx = mp.start_processes(_rank, args=(world, _free_port(), str(tmp)), nprocs=world, join=False, start_method="spawn")
+    store = _store()  # kept alive until the ranks are done
+    ctx = mp.start_processes(_rank, args=(world, store.port, str(tmp)), nprocs=world, join=False, start_method="spawn")
     deadline = time.monotonic() + RUN_TIMEOUT_S
     while not ctx.join(timeout=5):
         if time.monotonic() > deadline:
@@ -219,3 +224,25 @@ def test_expert_parallel_needs_a_process_group():
     assert not dist.is_initialized()
     with pytest.raises(RuntimeError, match="initialized torch.distributed process group"):
         load_pretrained(CHECKPOINTS[0], expert_parallel=True)
+
+
+def test_ep_bench_reports_traffic(tmp_path):
+    """bench/ep_bench.py end to end on 1 and 2 gloo ranks: measured shares and bytes are consistent."""
+    import json
+    import subprocess
+    import sys
+
+    out = tmp_path / "ep.json"
+    repo = Path(__file__).resolve().parents[1]
+    subprocess.run([sys.executable, str(repo / "bench" / "ep_bench.py"), "--world", "1", "2", "--batch", "2",
+                    "--prompt", "8", "--new-tokens", "3", "--repeats", "1", "--json", str(out)],
+                   check=True, timeout=RUN_TIMEOUT_S, capture_output=True)
+    report = json.loads(out.read_text())
+    one, two = report["runs"]["1"], report["runs"]["2"]
+    assert one["decode_bytes_sent_per_step"] == 0 and two["decode_bytes_sent_per_step"] > 0
+    assert 0 < two["a2a_share_decode"] < 1 and 0 < two["a2a_share_prefill"] < 1
+    assert 0 < two["decode_off_rank_share"] < 1
+    assert two["expert_param_bytes_per_rank"] * 2 == one["expert_param_bytes_per_rank"]
+    rows = report["projection"]["variants"]["base"]["450GB/s"]
+    assert [r["world"] for r in rows] == [2, 4, 8] and rows[0]["share_measured"] and not rows[2]["share_measured"]
+    assert rows[0]["bytes_per_decode_step"] < rows[1]["bytes_per_decode_step"] < rows[2]["bytes_per_decode_step"]
