@@ -91,13 +91,22 @@ class DeepseekVL2(nn.Module):
         if self.expert_parallel is not None:
             self.expert_parallel.finish()
 
+    def _embed_or_serve(self, inputs: Any) -> torch.Tensor:
+        """`embed`; under expert parallelism a bad input fails this rank only after it has served the
+        others' steps, so one bad batch does not leave the group waiting for it."""
+        try:
+            return self.embed(inputs)
+        except Exception:
+            self._serve_rest()
+            raise
+
     @torch.inference_mode()
     def forward(self, inputs: Any) -> torch.Tensor | None:
         """Full-prompt logits [B,T,vocab] (float32), no cache. None in, None out: an expert-parallel
         rank with nothing to run."""
         if inputs is None:
             return self._nothing_to_run()
-        embeds = self.embed(inputs)
+        embeds = self._embed_or_serve(inputs)
         valid = inputs.attention_mask.to(self.device).bool()
         self.language.clear_cache()
         self._step()
@@ -134,7 +143,7 @@ class DeepseekVL2(nn.Module):
         ids = inputs.input_ids.to(self.device)
         valid_prompt = inputs.attention_mask.to(self.device).bool()
         b, t = ids.shape
-        embeds = self.embed(inputs)
+        embeds = self._embed_or_serve(inputs)
         valid = torch.zeros(b, t + max_new_tokens, dtype=torch.bool, device=self.device)
         valid[:, :t] = valid_prompt
         positions = _positions(valid_prompt)

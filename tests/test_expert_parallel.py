@@ -72,6 +72,8 @@ def plan(model, processor, world: int) -> list[list[tuple[str, object, dict]]]:
     layer = _first_moe(model)
     batch = processor([_conv("Describe the image.", True), _conv("Read the text of the chart.")], [[_image()], []])
     texts = [processor(_conv("Where is the giraffe? " * (r + 1))) for r in range(world)]
+    bad = processor([_conv("Describe the image.", True)], [[_image()]])
+    bad.images_seq_mask[0, bad.images_seq_mask[0].nonzero()[0]] = False  # one placeholder short
     calls = []
     for r in range(world):
         own = batch if r == 0 else texts[r]
@@ -82,6 +84,8 @@ def plan(model, processor, world: int) -> list[list[tuple[str, object, dict]]]:
              # rank 1 generates longest: its last steps are one-token decode steps with every other rank idle
              {"max_new_tokens": 7 if r == 1 else 2 + r, "prefill_chunk": 5 if r == 1 else None, "return_logits": True}),
             ("forward", None, {}),  # everyone idle: returns at once
+            # rank 0's input is bad: it raises, but only after serving the others, who get their logits
+            ("forward", bad if r == 0 else own, {"error": r == 0}),
             # the MoE layer alone, every rank sending tokens none of which go to the last rank
             ("moe", avoiding_last_rank(model, world, 2 + r, seed=r), {"layer": layer}),
         ])
@@ -110,6 +114,13 @@ def _count_reads(log: dict):
 def call(model, fn: str, inputs, kw: dict):
     if fn == "moe":
         return model.language.model.layers[kw["layer"]].mlp(inputs)
+    kw = dict(kw)
+    if kw.pop("error", False):
+        try:
+            getattr(model, fn)(inputs, **kw)
+        except ValueError as e:
+            return f"ValueError: {e}"
+        return "no error"
     return getattr(model, fn)(inputs, **kw)
 
 
@@ -184,6 +195,10 @@ def test_expert_parallel_equals_single_process(world, references, tmp_path):
             for (fn, inputs, kw), out in zip(calls[name][r], got["outputs"]):
                 if inputs is None:
                     assert out is None, (name, r, fn)
+                    continue
+                if kw.get("error"):
+                    assert out.startswith("ValueError: sequence 0:") and "image placeholders" in out, (name, r, out)
+                    assert call(model, fn, inputs, kw) == out, (name, r, "the single-process error")
                     continue
                 want = call(model, fn, inputs, kw)
                 if fn in ("forward", "moe"):
