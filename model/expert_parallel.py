@@ -98,7 +98,8 @@ class ExpertParallelMoE(nn.Module):
             dist.all_to_all_single(received, tokens, got, sent, group=self.group)
         if received.shape[0]:
             # received rows come per source rank, each sorted by local expert
-            experts = torch.arange(local, device=x.device).repeat(self.world).repeat_interleave(recv_counts)
+            experts = torch.arange(local, device=x.device).repeat(self.world).repeat_interleave(
+                recv_counts, output_size=received.shape[0])  # size given: no second host sync
             ones = torch.ones(received.shape[0], 1, dtype=torch.float32, device=x.device)
             received = self.experts(received, experts[:, None], ones)  # weight 1: exact in any dtype
         back = torch.empty_like(tokens)
