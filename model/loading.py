@@ -60,14 +60,16 @@ def _first_experts(model: nn.Module) -> dict[str, int]:
     return {f"{n}.experts": m.first for n, m in model.named_modules() if isinstance(m, ExpertParallelMoE)}
 
 
-def _other_ranks_experts(model: nn.Module) -> set[str]:
-    """Checkpoint keys of the routed experts other expert-parallel ranks own: present, but not read here."""
-    keys = set()
+def _other_ranks_experts(model: nn.Module) -> dict[str, tuple[int, ...]]:
+    """Checkpoint keys (and shapes) of the routed experts other expert-parallel ranks own: checked in the
+    header like our own, so every rank finds the same problems, but never read here."""
+    keys = {}
     for n, m in model.named_modules():
         if isinstance(m, ExpertParallelMoE):
             own = range(m.first, m.first + m.experts.gate_proj.shape[0])
-            keys.update(f"{n}.experts.{e}.{w}.weight" for e in range(m.num_experts) if e not in own
-                        for w in ("gate_proj", "up_proj", "down_proj"))
+            for w in ("gate_proj", "up_proj", "down_proj"):
+                shape = tuple(getattr(m.experts, w).shape[1:])
+                keys.update((f"{n}.experts.{e}.{w}.weight", shape) for e in range(m.num_experts) if e not in own)
     return keys
 
 
@@ -80,14 +82,14 @@ def load_weights(model: nn.Module, reader: Reader, device: torch.device, where: 
     """Fill every parameter from `reader`; missing, unexpected or mis-shaped keys are an error
     that names them, raised before any tensor is read."""
     slots = checkpoint_slots(model)
+    expected = {**{k: s.shape for k, s in slots.items()}, **_other_ranks_experts(model)}
     present = set(reader.keys())
-    missing = [k for k in slots if k not in present]
-    others = _other_ranks_experts(model)
-    unexpected = [k for k in present if k not in slots and not UNUSED.match(k) and k not in others]
+    missing = [k for k in expected if k not in present]
+    unexpected = [k for k in present if k not in expected and not UNUSED.match(k)]
     misshaped = [
-        f"{k} {tuple(reader.shape(k))} (expected {s.shape})"
-        for k, s in slots.items()
-        if k in present and tuple(reader.shape(k)) != s.shape
+        f"{k} {tuple(reader.shape(k))} (expected {shape})"
+        for k, shape in expected.items()
+        if k in present and tuple(reader.shape(k)) != shape
     ]
     problems = []
     if missing:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -22,7 +23,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from PIL import Image, ImageDraw
 
-from model import load_pretrained
+from safetensors.torch import load_file, save_file
+
+from model import CheckpointError, load_pretrained
 from model.checkpoint import CheckpointReader
 from model.expert_parallel import ExpertParallelMoE
 from model.language import Experts
@@ -163,10 +166,12 @@ def _join(rank: int, world: int, port: int, timeout_s: float, backend: str = "gl
                             timeout=datetime.timedelta(seconds=timeout_s))
 
 
-def run_group(world: int, calls: dict, tmp: Path) -> list[dict]:
+def run_group(world: int, calls: dict, tmp: Path, fn=None) -> list:
+    """Run `fn` (default: the plan runner) on `world` gloo ranks; each rank's result from tmp/rank{r}.pt."""
     torch.save(calls, tmp / "plan.pt")
     store = _store()  # kept alive until the ranks are done
-    ctx = mp.start_processes(_rank, args=(world, store.port, str(tmp)), nprocs=world, join=False, start_method="spawn")
+    ctx = mp.start_processes(fn or _rank, args=(world, store.port, str(tmp)), nprocs=world, join=False,
+                             start_method="spawn")
     deadline = time.monotonic() + RUN_TIMEOUT_S
     while not ctx.join(timeout=5):
         if time.monotonic() > deadline:
@@ -229,6 +234,38 @@ def test_expert_parallel_equals_single_process(world, references, tmp_path):
         assert any(0 in rec and sum(s) > 0 for rec, s in zip(received, sent)), (name, "no rank ever received nothing")
         # a decode step of one token from one rank took place (the others idle)
         assert any(sorted(s)[-2] == 0 and max(s) == model.cfg.language_config.num_experts_per_tok for s in sent), name
+
+
+def _load_error(rank: int, world: int, port: int, out: str) -> None:
+    _join(rank, world, port, RANK_TIMEOUT_S)
+    ckpt = torch.load(Path(out) / "plan.pt", weights_only=False)
+    try:
+        load_pretrained(ckpt, expert_parallel=True)
+        error = "loaded"
+    except CheckpointError as e:
+        error = str(e)
+    torch.save(error, Path(out) / f"rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_every_rank_names_a_missing_expert_of_another_rank(tmp_path):
+    """The header is checked for every rank's experts, so a key missing from rank 1's share fails rank 0 too
+    (the same error on all ranks, instead of rank 0 waiting for a rank that failed)."""
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(CHECKPOINTS[0], ckpt)
+    gone = "language.model.layers.1.mlp.experts.12.up_proj.weight"  # expert 12 of 16: rank 1's
+    index = json.loads((ckpt / "model.safetensors.index.json").read_text())
+    shard = ckpt / index["weight_map"].pop(gone)
+    tensors = load_file(str(shard))
+    del tensors[gone]
+    shard.unlink()
+    save_file(tensors, str(shard))
+    (ckpt / "model.safetensors.index.json").write_text(json.dumps(index))
+    run = tmp_path / "run"
+    run.mkdir()
+    errors = run_group(2, ckpt, run, _load_error)
+    for error in errors:
+        assert f"missing keys: {gone}" in error, error
 
 
 def test_none_without_expert_parallel_is_an_error(references):
