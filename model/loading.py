@@ -15,6 +15,7 @@ from torch import nn
 
 from .checkpoint import CheckpointError, CheckpointReader, resolve_checkpoint
 from .config import load_config
+from .expert_parallel import ExpertParallelMoE, shard_experts
 from .model import DeepseekVL2
 from .processor import Processor
 
@@ -41,16 +42,35 @@ class Slot:
 
 
 def checkpoint_slots(model: nn.Module) -> dict[str, Slot]:
-    """The official checkpoint key for every tensor the model needs."""
+    """The official checkpoint key for every tensor the model needs (an expert-parallel rank: its own experts)."""
+    first = _first_experts(model)
     slots: dict[str, Slot] = {}
     for name, p in model.named_parameters():
         m = _EXPERTS.match(name)
         if m:
+            base = first.get(m.group(1), 0)
             for e in range(p.shape[0]):
-                slots[f"{m.group(1)}.{e}.{m.group(2)}.weight"] = Slot(name, e, tuple(p.shape[1:]))
+                slots[f"{m.group(1)}.{base + e}.{m.group(2)}.weight"] = Slot(name, e, tuple(p.shape[1:]))
         else:
             slots[name] = Slot(name, None, tuple(p.shape))
     return slots
+
+
+def _first_experts(model: nn.Module) -> dict[str, int]:
+    return {f"{n}.experts": m.first for n, m in model.named_modules() if isinstance(m, ExpertParallelMoE)}
+
+
+def _other_ranks_experts(model: nn.Module) -> dict[str, tuple[int, ...]]:
+    """Checkpoint keys (and shapes) of the routed experts other expert-parallel ranks own: checked in the
+    header like our own, so every rank finds the same problems, but never read here."""
+    keys = {}
+    for n, m in model.named_modules():
+        if isinstance(m, ExpertParallelMoE):
+            own = range(m.first, m.first + m.experts.gate_proj.shape[0])
+            for w in ("gate_proj", "up_proj", "down_proj"):
+                shape = tuple(getattr(m.experts, w).shape[1:])
+                keys.update((f"{n}.experts.{e}.{w}.weight", shape) for e in range(m.num_experts) if e not in own)
+    return keys
 
 
 def _names(keys: list[str], limit: int = 12) -> str:
@@ -62,13 +82,14 @@ def load_weights(model: nn.Module, reader: Reader, device: torch.device, where: 
     """Fill every parameter from `reader`; missing, unexpected or mis-shaped keys are an error
     that names them, raised before any tensor is read."""
     slots = checkpoint_slots(model)
+    expected = {**{k: s.shape for k, s in slots.items()}, **_other_ranks_experts(model)}
     present = set(reader.keys())
-    missing = [k for k in slots if k not in present]
-    unexpected = [k for k in present if k not in slots and not UNUSED.match(k)]
+    missing = [k for k in expected if k not in present]
+    unexpected = [k for k in present if k not in expected and not UNUSED.match(k)]
     misshaped = [
-        f"{k} {tuple(reader.shape(k))} (expected {s.shape})"
-        for k, s in slots.items()
-        if k in present and tuple(reader.shape(k)) != s.shape
+        f"{k} {tuple(reader.shape(k))} (expected {shape})"
+        for k, shape in expected.items()
+        if k in present and tuple(reader.shape(k)) != shape
     ]
     problems = []
     if missing:
@@ -87,10 +108,13 @@ def load_weights(model: nn.Module, reader: Reader, device: torch.device, where: 
             (target[slot.index] if slot.index is not None else target).copy_(t)
 
 
-def build_empty(cfg, device: torch.device, dtype: torch.dtype) -> DeepseekVL2:
-    """Model with uninitialised storage already in the target device and dtype."""
+def build_empty(cfg, device: torch.device, dtype: torch.dtype, expert_parallel: bool = False) -> DeepseekVL2:
+    """Model with uninitialised storage already in the target device and dtype; with `expert_parallel`,
+    storage for this rank's routed experts only."""
     with torch.device("meta"):
         model = DeepseekVL2(cfg)
+    if expert_parallel:
+        shard_experts(model, device)
     model = model.to(dtype)
     for name, p in model.named_parameters():
         if FLOAT32_PARAMS.search(name):
@@ -98,11 +122,14 @@ def build_empty(cfg, device: torch.device, dtype: torch.dtype) -> DeepseekVL2:
     return model.to_empty(device=device)
 
 
-def load_model(local_dir: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> DeepseekVL2:
+def load_model(
+    local_dir: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+    expert_parallel: bool = False,
+) -> DeepseekVL2:
     local_dir = Path(local_dir)
     cfg = load_config(local_dir)
     device = torch.device(device)
-    model = build_empty(cfg, device, dtype)
+    model = build_empty(cfg, device, dtype, expert_parallel)
     with CheckpointReader(local_dir) as reader:
         load_weights(model, reader, device, str(local_dir))
     return model.eval()
@@ -114,12 +141,16 @@ def load_processor(spec: str | Path) -> Processor:
 
 
 def load_pretrained(
-    spec: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+    spec: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+    expert_parallel: bool = False,
 ) -> tuple[DeepseekVL2, Processor]:
-    """Local dir, s3:// or fsspec URL (cached once), or Hugging Face hub id -> (model, processor)."""
+    """Local dir, s3:// or fsspec URL (cached once), or Hugging Face hub id -> (model, processor).
+
+    `expert_parallel`: inside an initialized process group, load only this rank's share of the routed
+    experts (see model.expert_parallel); the model's forward and generate are then collective."""
     local = resolve_checkpoint(str(spec))
     processor = Processor.from_pretrained(local)
-    return load_model(local, device=device, dtype=dtype), processor
+    return load_model(local, device=device, dtype=dtype, expert_parallel=expert_parallel), processor
 
 
 __all__ = ["load_pretrained", "load_processor", "load_model", "load_weights", "checkpoint_slots", "build_empty", "resolve_checkpoint", "CheckpointError"]

@@ -22,6 +22,8 @@ class DeepseekVL2(nn.Module):
         self.view_seperator = nn.Parameter(torch.zeros(n))  # sic: the checkpoint's spelling
         self.language = LanguageModel(cfg.language_config)
         self.vision_chunk = 64  # tiles per ViT call: bounds activation memory on big batches
+        # set by model.expert_parallel.shard_experts: forward and generate become collective over its group
+        self.expert_parallel = None
 
     @property
     def device(self) -> torch.device:
@@ -79,13 +81,44 @@ class DeepseekVL2(nn.Module):
 
     # -- forward / generate ----------------------------------------------------------------------
 
+    def _step(self) -> None:
+        """Under expert parallelism each decoder call is a step of the whole group: announce it."""
+        if self.expert_parallel is not None:
+            self.expert_parallel.step_together(True)
+
+    def _serve_rest(self) -> None:
+        """Under expert parallelism: serve this rank's experts until every rank is done."""
+        if self.expert_parallel is not None:
+            self.expert_parallel.finish()
+
+    def _embed_or_serve(self, inputs: Any) -> torch.Tensor:
+        """`embed`; under expert parallelism a bad input fails this rank only after it has served the
+        others' steps, so one bad batch does not leave the group waiting for it."""
+        try:
+            return self.embed(inputs)
+        except Exception:
+            self._serve_rest()
+            raise
+
     @torch.inference_mode()
-    def forward(self, inputs: Any) -> torch.Tensor:
-        """Full-prompt logits [B,T,vocab] (float32), no cache."""
-        embeds = self.embed(inputs)
+    def forward(self, inputs: Any) -> torch.Tensor | None:
+        """Full-prompt logits [B,T,vocab] (float32), no cache. None in, None out: an expert-parallel
+        rank with nothing to run."""
+        if inputs is None:
+            return self._nothing_to_run()
+        embeds = self._embed_or_serve(inputs)
         valid = inputs.attention_mask.to(self.device).bool()
         self.language.clear_cache()
-        return self.language(embeds, _positions(valid), valid)
+        self._step()
+        logits = self.language(embeds, _positions(valid), valid)
+        self._serve_rest()
+        return logits
+
+    def _nothing_to_run(self) -> None:
+        if self.expert_parallel is None:
+            raise ValueError("inputs is None: only an expert-parallel rank may pass None (to serve its experts)")
+        self.expert_parallel.finish()
+        return None
 
     @torch.inference_mode()
     def generate(
@@ -102,12 +135,15 @@ class DeepseekVL2(nn.Module):
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """New token ids [B, N'] (N' <= max_new_tokens). Greedy when temperature == 0; rows that hit
         EOS keep emitting EOS (the pad) until every row is done, as HF generate does. With
-        `return_logits`, also the raw logits of each step [B, N', vocab]."""
+        `return_logits`, also the raw logits of each step [B, N', vocab]. None in, None out: an
+        expert-parallel rank with nothing to run."""
+        if inputs is None:
+            return self._nothing_to_run()
         eos = self.cfg.language_config.eos_token_id if eos_token_id is None else eos_token_id
         ids = inputs.input_ids.to(self.device)
         valid_prompt = inputs.attention_mask.to(self.device).bool()
         b, t = ids.shape
-        embeds = self.embed(inputs)
+        embeds = self._embed_or_serve(inputs)
         valid = torch.zeros(b, t + max_new_tokens, dtype=torch.bool, device=self.device)
         valid[:, :t] = valid_prompt
         positions = _positions(valid_prompt)
@@ -122,6 +158,7 @@ class DeepseekVL2(nn.Module):
             chunk = prefill_chunk or t
             for s in range(0, t, chunk):
                 e = min(s + chunk, t)
+                self._step()
                 logits = self.language(embeds[:, s:e], positions[:, s:e], valid[:, :e], start=s, last_only=True)
             out, raw = [], []
             done = torch.zeros(b, dtype=torch.bool, device=self.device)
@@ -142,9 +179,11 @@ class DeepseekVL2(nn.Module):
                 valid[:, slot] = True
                 pos = pos + 1
                 emb = self.language.model.embed_tokens(nxt[:, None])
+                self._step()
                 logits = self.language(emb, pos, valid[:, : slot + 1], start=slot)
         finally:
             self.language.clear_cache()
+        self._serve_rest()
         tokens = torch.stack(out, dim=1) if out else torch.zeros(b, 0, dtype=torch.long, device=self.device)
         if return_logits:
             return tokens, torch.stack(raw, dim=1) if raw else logits[:, :0]
