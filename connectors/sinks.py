@@ -9,6 +9,7 @@ import logging
 import os
 import re
 import sqlite3
+import tempfile
 import time
 import uuid
 from collections.abc import Iterable
@@ -20,11 +21,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from botocore.exceptions import BotoCoreError, ClientError
+from urllib3.exceptions import HTTPError as URLLib3Error
 
 from connectors.errors import SinkError
 from connectors.redact import redact
 from connectors.rows import ROW_ARROW_SCHEMA, ROW_FIELDS, OutputRow
-from connectors.s3 import S3Options, s3_client, split_s3_url
+from connectors.s3 import READ_ATTEMPTS, S3Options, get_object_bytes, s3_client, split_s3_url, with_retries
 
 log = logging.getLogger(__name__)
 
@@ -177,6 +179,11 @@ class LocalParquetSink(_ParquetSink):
             self.root.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise SinkError(f"{root}: cannot create output directory: {e.strerror or e}") from None
+        try:  # an existing output we may not write to: say so now, not after the first batch is generated
+            with tempfile.TemporaryFile(dir=self.root, prefix=".pagemill-probe-"):
+                pass
+        except OSError as e:
+            raise SinkError(f"{root}: output directory is not writable: {e.strerror or e}") from None
 
     def _parts(self) -> list[Path]:
         return sorted(p for p in self.root.iterdir() if p.is_file() and _is_part(p.name))
@@ -196,12 +203,20 @@ class LocalParquetSink(_ParquetSink):
                 fh.flush()
                 os.fsync(fh.fileno())
             os.replace(tmp, final)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
+        except BaseException as e:
+            try:
+                tmp.unlink(missing_ok=True)
+            except OSError:  # the directory that refused the write may refuse the cleanup too
+                pass
+            if isinstance(e, OSError):
+                raise SinkError(f"{self.root}: cannot write {final.name}: {e.strerror or e}") from None
             raise
 
     def _delete(self, part: Path) -> None:
-        part.unlink()
+        try:
+            part.unlink()
+        except OSError as e:
+            raise SinkError(f"{self.root}: cannot delete {part.name}: {e.strerror or e}") from None
 
 
 class S3ParquetSink(_ParquetSink):
@@ -214,25 +229,28 @@ class S3ParquetSink(_ParquetSink):
         self.client = s3_client(s3)
 
     def _parts(self) -> list[str]:
-        keys: list[str] = []
-        try:
+        def listing() -> list[str]:
+            keys: list[str] = []
             for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=self.prefix):
                 for obj in page.get("Contents", []):
                     rel = obj["Key"][len(self.prefix):]
                     if "/" not in rel and _is_part(rel):
                         keys.append(obj["Key"])
-        except (ClientError, BotoCoreError) as e:
+            return keys
+
+        try:
+            return sorted(with_retries(f"{self.url}: listing", listing))
+        except (ClientError, BotoCoreError, URLLib3Error, OSError) as e:
             raise SinkError(redact(f"{self.url}: cannot list output: {e}")) from None
-        return sorted(keys)
 
     def _new_part(self) -> str:
         return self.prefix + _part_name()
 
     def _read(self, key: str, columns: list[str] | None = None) -> pa.Table:
         try:
-            body = self.client.get_object(Bucket=self.bucket, Key=key)["Body"].read()
-        except (ClientError, BotoCoreError) as e:
-            raise SinkError(redact(f"s3://{self.bucket}/{key}: cannot read: {e}")) from None
+            body = get_object_bytes(self.client, self.bucket, key)
+        except (ClientError, BotoCoreError, URLLib3Error, OSError) as e:
+            raise SinkError(redact(f"s3://{self.bucket}/{key}: cannot read after {READ_ATTEMPTS} attempts: {e}")) from None
         return pq.read_table(io.BytesIO(body), columns=columns)
 
     def _put(self, key: str, table: pa.Table) -> None:

@@ -103,6 +103,26 @@ def test_s3_parquet(s3_endpoint):
     assert open_sink("s3://results/run1").done_ids() == {"b", "c", "d"}
 
 
+def test_s3_parquet_reads_back_through_broken_bodies(s3_endpoint, monkeypatch):
+    """done_ids and compact read every part back; a truncated or reset body is read again, not fatal."""
+    from connectors.s3 import S3Options
+    from tests.faultproxy import S3FaultProxy, first_gets_fail
+
+    monkeypatch.setattr("connectors.s3._BACKOFF_S", 0.01, raising=False)
+    boto3.client("s3").create_bucket(Bucket="flaky")
+    sink = open_sink("s3://flaky/out/")
+    sink.write([row("a", "error"), row("b")])
+    sink.write([row("a"), row("c")])
+    with S3FaultProxy(s3_endpoint, first_gets_fail(2)) as proxy:
+        flaky = open_sink("s3://flaky/out/", s3=S3Options(endpoint_url=proxy.url))
+        assert flaky.done_ids() == {"a", "b", "c"}
+        assert flaky.compact() == 1
+        assert len(proxy.faults) == 4  # the first two reads of each of the two parts broke
+    t = pq.read_table(io.BytesIO(boto3.client("s3").get_object(
+        Bucket="flaky", Key=sink._parts()[0])["Body"].read()))
+    assert _ids_and_status(t) == [("b", "ok")]
+
+
 def _rerun_over_errors(open_out):
     """Run 1 leaves error rows; run 2 retries them into newer parts. Returns run 2's sink, not yet compacted.
 
