@@ -2,7 +2,11 @@
 
 import io
 import os
+import shutil
 import sqlite3
+import subprocess
+import sys
+import tempfile
 import uuid
 from pathlib import Path
 
@@ -342,3 +346,38 @@ def test_bad_destinations(tmp_path):
     with pytest.raises(ValueError) as e:
         open_sink("ftp://user:pw@host/x")
     assert "pw" not in str(e.value).replace("***", "")
+
+
+def _as_nobody(code: str) -> subprocess.CompletedProcess:
+    """Run `code` as an unprivileged user: root writes anywhere, so a read-only output needs someone else."""
+    cmd = [sys.executable, "-c", code]
+    if os.geteuid() == 0:
+        cmd = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"] + cmd
+    return subprocess.run(cmd, cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=120)
+
+
+def test_read_only_parquet_output_is_one_clear_error_and_loses_nothing():
+    root = Path(tempfile.mkdtemp(prefix="pm-ro-"))
+    try:
+        root.chmod(0o755)
+        out = root / "out"
+        open_sink(str(out)).write([row("a")])
+        before = sorted(p.name for p in out.iterdir())
+        out.chmod(0o555)  # readable, not writable (also for root's files: nobody is not the owner)
+        # At open: the job stops before any work, naming the directory and the reason.
+        p = _as_nobody(f"from connectors.sinks import open_sink\nopen_sink({str(out)!r})")
+        assert p.returncode == 1 and p.stderr.strip().splitlines()[-1] == (
+            f"connectors.errors.SinkError: {out}: output directory is not writable: Permission denied")
+        # At write (the directory became read-only after the open): a SinkError, not an OSError from the cleanup.
+        code = (f"import os\nfrom connectors.sinks import LocalParquetSink\nfrom tests.test_connectors_sinks import row\n"
+                f"s = LocalParquetSink.__new__(LocalParquetSink)\nfrom pathlib import Path\ns.root = Path({str(out)!r})\n"
+                f"s.write([row('b')])")
+        p = _as_nobody(code)
+        last = p.stderr.strip().splitlines()[-1]
+        assert p.returncode == 1 and last.startswith(f"connectors.errors.SinkError: {out}: cannot write part-"), p.stderr
+        assert last.endswith(": Permission denied") and "During handling" not in p.stderr
+        assert sorted(p.name for p in out.iterdir()) == before  # nothing lost, nothing half-written
+        assert open_sink(str(root / "out")).done_ids() == {"a"}
+    finally:
+        (root / "out").chmod(0o755)
+        shutil.rmtree(root)
