@@ -4,6 +4,7 @@ All sinks upsert on `id` (last write wins) and answer `done_ids` for resume. A P
 appends part files (the newest part wins) until `compact()` drops the rows that newer parts supersede.
 """
 
+import hashlib
 import io
 import logging
 import os
@@ -64,16 +65,18 @@ def _done(pairs: Iterable[tuple[str, str]], include_errors: bool) -> set[str]:
     return {i for i, s in latest.items() if include_errors or s == "ok"}
 
 
-def open_sink(dst: str, *, table: str = "pagemill_rows", s3: S3Options | None = None) -> "Sink":
+def open_sink(dst: str, *, table: str = "pagemill_rows", s3: S3Options | None = None,
+              password_env: str | None = None) -> "Sink":
     """Open `dst`: `sqlite:///rel.db`, `sqlite:////abs.db`, `postgresql://…`, or a directory (local, `file://`, `s3://`).
 
-    `table` names the SQL table; a Parquet directory is the table itself and ignores it.
+    `table` names the SQL table; a Parquet directory is the table itself and ignores it. `password_env` names
+    the environment variable holding the PostgreSQL password (so it never appears in a process list).
     """
     validate_table_name(table)
     if dst.startswith("sqlite:"):
         return SqliteSink(dst, table)
     if dst.startswith(("postgresql://", "postgres://")):
-        return PostgresSink(dst, table)
+        return PostgresSink(dst, table, password_env=password_env)
     if dst.startswith("s3://"):
         return S3ParquetSink(dst, s3)
     path = dst[len("file://"):] if dst.startswith("file://") else dst
@@ -343,19 +346,46 @@ def _sqlite_path(dsn: str) -> str:
     return rest[1:]
 
 
-class PostgresSink(_Closes):
-    """PostgreSQL via psycopg 3; rows are upserted with a pipelined executemany in one transaction."""
+# A lost connection (server restart, failover, network) is re-established with backoff for this long,
+# then the batch is sent again (the upsert is idempotent); after that the job stops with a SinkError.
+PG_RECONNECT_S = 120.0
 
-    def __init__(self, dsn: str, table: str) -> None:
+
+def _pg_lock_key(table: str) -> int:
+    """A stable signed 64-bit advisory-lock key per table name (pg_advisory_xact_lock takes a bigint)."""
+    return int.from_bytes(hashlib.sha256(f"pagemill:create:{table}".encode()).digest()[:8], "big", signed=True)
+
+
+def _pg_password(password_env: str | None) -> dict[str, str]:
+    """The password from the environment variable the config names, never from the command line."""
+    if not password_env:
+        return {}  # libpq still reads PGPASSWORD, PGPASSFILE (~/.pgpass) and PGSERVICE / service= itself
+    value = os.environ.get(password_env)
+    if value is None:
+        raise SinkError(f"db_password_env names {password_env}, but that environment variable is not set")
+    return {"password": value}
+
+
+class PostgresSink(_Closes):
+    """PostgreSQL via psycopg 3; rows are upserted with a pipelined executemany in one transaction.
+
+    A batch whose connection breaks is sent again on a new connection (see PG_RECONNECT_S).
+    """
+
+    def __init__(self, dsn: str, table: str, *, password_env: str | None = None,
+                 reconnect_s: float = PG_RECONNECT_S) -> None:
         import psycopg
         from psycopg import sql
 
         self.name = redact(dsn)
         self.table = validate_table_name(table)
         self._errors = psycopg.Error
+        self._dsn = dsn
+        self._connect_kwargs = {"connect_timeout": 10} | _pg_password(password_env)
+        self.reconnect_s = reconnect_s
         ident = sql.Identifier(table)
         try:
-            self.conn = psycopg.connect(dsn, connect_timeout=10)
+            self.conn = psycopg.connect(dsn, **self._connect_kwargs)
         except psycopg.Error as e:
             raise SinkError(redact(f"{self.name}: cannot connect to PostgreSQL: {e}")) from None
         columns = sql.SQL(_column_defs(lambda c: sql.Identifier(c).as_string(self.conn)))
@@ -368,33 +398,83 @@ class PostgresSink(_Closes):
         )
         self._select_all = sql.SQL("SELECT id FROM {}").format(ident)
         self._select_ok = sql.SQL("SELECT id FROM {} WHERE status = %s").format(ident)
+        create = sql.SQL("CREATE TABLE IF NOT EXISTS {} ({})").format(ident, columns)
+
+        def create_table(conn) -> None:
+            # CREATE TABLE IF NOT EXISTS is not atomic: two sessions creating the same new table race on
+            # the catalog (pg_type_typname_nsp_index). One transaction-scoped lock per table name orders them.
+            with conn.transaction():
+                conn.execute("SELECT pg_advisory_xact_lock(%s)", (_pg_lock_key(table),))
+                conn.execute(create)
+
         try:
-            with self.conn.transaction():
-                self.conn.execute(sql.SQL("CREATE TABLE IF NOT EXISTS {} ({})").format(ident, columns))
-        except psycopg.Error as e:
+            self._with_reconnect(create_table)
+        except SinkError as e:
             self.conn.close()
-            raise SinkError(redact(f"{self.name}: cannot create table {table}: {e}")) from None
+            raise SinkError(f"{self.name}: cannot create table {table}: {e}") from None
+
+    def _with_reconnect(self, fn):
+        """`fn(conn)`, re-run on a new connection while the old one is broken, for at most `reconnect_s`."""
+        import psycopg
+
+        deadline = None
+        while True:
+            try:
+                return fn(self.conn)
+            except psycopg.Error as e:
+                if not (isinstance(e, psycopg.OperationalError) and (self.conn.broken or self.conn.closed)):
+                    raise SinkError(redact(str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__)) from None
+                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                if deadline is None:
+                    deadline = time.monotonic() + self.reconnect_s
+                    log.warning("%s", redact(f"{self.name}: connection lost ({first}); reconnecting"))
+                self._reconnect(deadline, first)
+
+    def _reconnect(self, deadline: float, cause: str) -> None:
+        import psycopg
+
+        delay = 0.2
+        while True:
+            try:
+                self.conn.close()
+                self.conn = psycopg.connect(self._dsn, **self._connect_kwargs)
+                return
+            except psycopg.Error as e:
+                if time.monotonic() + delay > deadline:
+                    last = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                    raise SinkError(redact(f"connection lost ({cause}) and not re-established within "
+                                           f"{self.reconnect_s:g}s: {last}")) from None
+                time.sleep(delay)
+                delay = min(delay * 2, 5.0)
 
     def done_ids(self, include_errors: bool = False) -> set[str]:
-        try:
-            with self.conn.transaction():
+        def select(conn) -> set[str]:
+            with conn.transaction():
                 if include_errors:
-                    cur = self.conn.execute(self._select_all)
+                    cur = conn.execute(self._select_all)
                 else:
-                    cur = self.conn.execute(self._select_ok, ("ok",))
+                    cur = conn.execute(self._select_ok, ("ok",))
                 return {r[0] for r in cur}
-        except self._errors as e:
-            raise SinkError(redact(f"{self.name}: cannot read table {self.table}: {e}")) from None
+
+        try:
+            return self._with_reconnect(select)
+        except SinkError as e:
+            raise SinkError(f"{self.name}: cannot read table {self.table}: {e}") from None
 
     def write(self, rows: list[dict]) -> None:
         rows = _validated(rows)
         if not rows:
             return
+        values = [tuple(r[c] for c in ROW_FIELDS) for r in rows]
+
+        def upsert(conn) -> None:
+            with conn.transaction(), conn.cursor() as cur:
+                cur.executemany(self._upsert, values)
+
         try:
-            with self.conn.transaction(), self.conn.cursor() as cur:
-                cur.executemany(self._upsert, [tuple(r[c] for c in ROW_FIELDS) for r in rows])
-        except self._errors as e:
-            raise SinkError(redact(f"{self.name}: cannot write to table {self.table}: {e}")) from None
+            self._with_reconnect(upsert)
+        except SinkError as e:
+            raise SinkError(f"{self.name}: cannot write to table {self.table}: {e}") from None
 
     def close(self) -> None:
         self.conn.close()

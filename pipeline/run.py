@@ -125,7 +125,7 @@ def run_job(config: JobConfig, *, quiet: bool = False) -> Summary:
     import ray
 
     model_path, smoke = resolve_model(config.model)
-    sink = open_sink(config.output, table=config.table, s3=s3_options(config))
+    sink = open_sink(config.output, table=config.table, s3=s3_options(config), password_env=config.db_password_env)
     sheet = None
     try:
         done = frozenset(sink.done_ids(include_errors=not config.retry_errors))

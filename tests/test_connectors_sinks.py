@@ -7,6 +7,7 @@ import sqlite3
 import subprocess
 import sys
 import tempfile
+import time
 import uuid
 from pathlib import Path
 
@@ -381,3 +382,125 @@ def test_read_only_parquet_output_is_one_clear_error_and_loses_nothing():
     finally:
         (root / "out").chmod(0o755)
         shutil.rmtree(root)
+
+
+def test_postgresql_concurrent_creation_of_one_new_table(pg_table):
+    """CREATE TABLE IF NOT EXISTS races in PostgreSQL (pg_type_typname_nsp_index); 40 opens at once must all work."""
+    import threading
+
+    n = 40
+    barrier = threading.Barrier(n)
+    errors: list[str] = []
+    sinks: list = []
+
+    def opener() -> None:
+        barrier.wait()
+        try:
+            sinks.append(open_sink(PG, table=pg_table))
+        except Exception as e:  # noqa: BLE001 - collected and asserted below
+            errors.append(str(e))
+
+    threads = [threading.Thread(target=opener) for _ in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for s in sinks:
+        s.close()
+    assert errors == [] and len(sinks) == n
+
+
+def test_postgresql_backend_terminated_mid_run_resends_the_batch(pg_table):
+    sink = open_sink(PG, table=pg_table)
+    sink.write([row("a")])
+    with psycopg.connect(PG, autocommit=True) as admin:  # what a restart or a DBA does to our session
+        admin.execute("SELECT pg_terminate_backend(%s)", (sink.conn.info.backend_pid,))
+    sink.write([row("b"), row("c")])  # "terminating connection due to administrator command" -> reconnect, re-send
+    assert sink.done_ids() == {"a", "b", "c"}
+    sink.close()
+
+
+def _pg_ready() -> bool:
+    return subprocess.run(["pg_isready", "-q", "-h", "127.0.0.1"]).returncode == 0
+
+
+def test_postgresql_server_restart_mid_run(pg_table):
+    """A real restart of the local cluster while batches are being written: no batch fails, none is lost."""
+    import threading
+
+    sink = open_sink(PG, table=pg_table)
+    sink.write([row("before")])
+    written: list[str] = []
+    failures: list[str] = []
+    stop = threading.Event()
+
+    def writer() -> None:
+        i = 0
+        while not stop.is_set():
+            try:
+                sink.write([row(f"r{i}")])
+                written.append(f"r{i}")
+            except Exception as e:  # noqa: BLE001
+                failures.append(str(e))
+                return
+            i += 1
+            time.sleep(0.02)
+
+    t = threading.Thread(target=writer)
+    t.start()
+    try:
+        version = sorted(os.listdir("/etc/postgresql"))[-1]
+        subprocess.run(["pg_ctlcluster", "--skip-systemctl-redirect", version, "main", "restart"], check=True,
+                       timeout=120, capture_output=True)
+    finally:
+        deadline = time.time() + 60
+        while not _pg_ready() and time.time() < deadline:
+            time.sleep(0.5)
+        n_at_restart = len(written)
+        while len(written) < n_at_restart + 5 and not failures and time.time() < deadline:
+            time.sleep(0.1)  # a few batches after the server came back
+        stop.set()
+        t.join(timeout=150)
+    assert failures == [] and len(written) > n_at_restart
+    assert sink.done_ids() == {"before", *written}
+    sink.close()
+
+
+def test_postgresql_gives_up_after_a_bounded_time_with_a_clear_error(pg_table):
+    from connectors.sinks import PostgresSink
+    from tests.faultproxy import TcpProxy
+
+    proxy = TcpProxy("127.0.0.1", 5432)
+    sink = PostgresSink(f"postgresql://postgres:pw-visible@127.0.0.1:{proxy.port}/test", pg_table, reconnect_s=1.5)
+    sink.write([row("a")])
+    proxy.down()  # the server went away and stays away
+    t0 = time.monotonic()
+    with pytest.raises(SinkError) as e:
+        sink.write([row("b")])
+    assert 1.0 < time.monotonic() - t0 < 15
+    msg = str(e.value)
+    assert msg.startswith(f"postgresql://postgres:***@127.0.0.1:{proxy.port}/test: cannot write to table {pg_table}: "
+                          "connection lost (") and "not re-established within 1.5s" in msg
+    assert "pw-visible" not in msg and "\n" not in msg
+    proxy.up()  # back again: the same sink carries on
+    sink.write([row("b")])
+    assert sink.done_ids() == {"a", "b"}
+    sink.close()
+    proxy.down()
+
+
+def test_postgresql_password_from_the_environment_not_the_command_line(pg_table, monkeypatch, tmp_path):
+    """db_password_env names a variable; libpq's own PGPASSWORD / PGPASSFILE keep working too."""
+    monkeypatch.setenv("PAGEMILL_TEST_PGPW", "from-named-var")
+    sink = open_sink(PG, table=pg_table, password_env="PAGEMILL_TEST_PGPW")
+    assert sink.conn.info.password == "from-named-var"
+    sink.close()
+    with pytest.raises(SinkError, match="db_password_env names PAGEMILL_TEST_UNSET, but that environment variable"):
+        open_sink(PG, table=pg_table, password_env="PAGEMILL_TEST_UNSET")
+    passfile = tmp_path / "pgpass"
+    passfile.write_text("127.0.0.1:5432:test:postgres:from-passfile\n")
+    passfile.chmod(0o600)
+    monkeypatch.setenv("PGPASSFILE", str(passfile))
+    sink = open_sink(PG, table=pg_table)
+    assert sink.conn.info.password == "from-passfile"
+    sink.close()
