@@ -10,7 +10,7 @@ import io
 import re
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -79,14 +79,24 @@ class DecodedPage(Record):
 
     source: str
     page: int | None = None  # 1-based PDF page; None for images
-    image: Any = None  # PIL.Image.Image in RGB, or None when error is set
+    image: Any = None  # PIL.Image.Image in RGB, or None when error is set or the page was skipped
     error: str | None = None
     decode_ms: float = 0.0
+    skipped: bool = False  # `skip` said so: not rendered
 
 
 def content_id(data: bytes, page: int | None) -> str:
     """Stable row id: the same bytes give the same id wherever they are stored (resume across moves)."""
-    return hashlib.sha256(data).hexdigest()[:32] + ":" + (str(page) if page is not None else "img")
+    return row_id(content_key(data), page)
+
+
+def content_key(data: bytes) -> str:
+    """The content part of every row id of `data` (hash once, then `row_id` per page)."""
+    return hashlib.sha256(data).hexdigest()[:32]
+
+
+def row_id(key: str, page: int | None) -> str:
+    return key + ":" + (str(page) if page is not None else "img")
 
 
 def is_pdf(data: bytes) -> bool:
@@ -94,8 +104,13 @@ def is_pdf(data: bytes) -> bool:
     return b"%PDF-" in data[:1024]
 
 
-def expand(source: str, data: bytes, *, limits: DecodeLimits | None = None) -> Iterator[DecodedPage]:
-    """Yield the decoded pages of one input; bad data gives one page with `error` naming `source`."""
+def expand(source: str, data: bytes, *, limits: DecodeLimits | None = None,
+           skip: Callable[[int], bool] | None = None) -> Iterator[DecodedPage]:
+    """Yield the decoded pages of one input; bad data gives one page with `error` naming `source`.
+
+    Pages are rendered one at a time as they are consumed. A PDF page for which `skip(number)` is true
+    is yielded `skipped`, without rendering (resume renders only the pages it lacks).
+    """
     limits = limits or DecodeLimits()
     name = redact(source)
     t0 = time.perf_counter()
@@ -106,7 +121,7 @@ def expand(source: str, data: bytes, *, limits: DecodeLimits | None = None) -> I
     elif len(data) > limits.max_bytes:
         yield _error(name, f"file is too big ({len(data)} bytes > max_bytes={limits.max_bytes})", t0)
     elif is_pdf(data):
-        yield from _expand_pdf(name, data, limits, t0)
+        yield from _expand_pdf(name, data, limits, t0, skip)
     else:
         yield _decode_image(name, data, limits, t0)
 
@@ -241,7 +256,8 @@ def to_rgb(img: Image.Image) -> Image.Image:
 # ---------------------------------------------------------------- PDFs
 
 
-def _expand_pdf(source: str, data: bytes, limits: DecodeLimits, t0: float) -> Iterator[DecodedPage]:
+def _expand_pdf(source: str, data: bytes, limits: DecodeLimits, t0: float,
+                skip: Callable[[int], bool] | None = None) -> Iterator[DecodedPage]:
     try:
         pdf = pdfium.PdfDocument(data)
         pdf.init_forms()  # so filled-in form fields are rendered, as a viewer shows them
@@ -263,8 +279,11 @@ def _expand_pdf(source: str, data: bytes, limits: DecodeLimits, t0: float) -> It
             )
             return
         for number in pages:
+            if skip is not None and skip(number):
+                yield DecodedPage(source=source, page=number, skipped=True)
+                continue
             yield _render_page(source, pdf, number, limits, t0)
-            t0 = time.perf_counter()  # opening the document is charged to the first page
+            t0 = time.perf_counter()  # opening the document is charged to the first rendered page
     finally:
         pdf.close()
 

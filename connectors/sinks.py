@@ -13,7 +13,7 @@ import sqlite3
 import tempfile
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Protocol
@@ -32,11 +32,15 @@ from connectors.s3 import READ_ATTEMPTS, S3Options, get_object_bytes, s3_client,
 log = logging.getLogger(__name__)
 
 _TABLE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
+# The id suffix of a row for an input that could not be read (no content to hash). One input, one row:
+# once the input is read, its content rows replace that row (`write` in SQL, `compact` in Parquet).
+UNREADABLE_SUFFIX = ":unreadable"
 _DONE_COLUMNS = ["id", "status"]
 
 
 class Sink(Protocol):
     def done_ids(self, include_errors: bool = False) -> set[str]: ...
+    def done_id_chunks(self) -> Iterator[tuple[list[str] | pa.Array, list[str] | pa.Array]]: ...
     def write(self, rows: list[dict]) -> None: ...
     def close(self) -> None: ...
     def compact(self) -> int: ...
@@ -58,11 +62,18 @@ def _validated(rows: Iterable[dict | OutputRow]) -> list[dict]:
     return list(out.values())
 
 
-def _done(pairs: Iterable[tuple[str, str]], include_errors: bool) -> set[str]:
+def _done(chunks: Iterable[tuple[Iterable[str], Iterable[str]]], include_errors: bool) -> set[str]:
     latest: dict[str, str] = {}
-    for id_, status in pairs:
-        latest[id_] = status
+    for ids, statuses in chunks:
+        ids = ids.to_pylist() if isinstance(ids, (pa.Array, pa.ChunkedArray)) else ids
+        statuses = statuses.to_pylist() if isinstance(statuses, (pa.Array, pa.ChunkedArray)) else statuses
+        for id_, status in zip(ids, statuses):
+            latest[id_] = status
     return {i for i, s in latest.items() if include_errors or s == "ok"}
+
+
+# Rows per chunk when a SQL sink streams its (id, status) pairs for resume.
+_DONE_CHUNK = 100_000
 
 
 def open_sink(dst: str, *, table: str = "pagemill_rows", s3: S3Options | None = None,
@@ -137,11 +148,13 @@ class _ParquetSink(_Closes):
     """
 
     def done_ids(self, include_errors: bool = False) -> set[str]:
-        pairs: list[tuple[str, str]] = []
+        return _done(self.done_id_chunks(), include_errors)
+
+    def done_id_chunks(self) -> Iterator[tuple[pa.Array, pa.Array]]:
+        """(ids, statuses) per part, oldest part first: a later row for an id supersedes an earlier one."""
         for part in self._parts():
             t = self._read(part, _DONE_COLUMNS)
-            pairs.extend(zip(t.column("id").to_pylist(), t.column("status").to_pylist()))
-        return _done(pairs, include_errors)
+            yield t.column("id"), t.column("status")
 
     def write(self, rows: list[dict]) -> None:
         rows = _validated(rows)
@@ -157,16 +170,52 @@ class _ParquetSink(_Closes):
         """
         newer: set[str] = set()
         changed = 0
+        with_unreadable = []
         for part in reversed(self._parts()):
             ids = self._read(part, ["id"]).column("id").to_pylist()
             if stale := newer.intersection(ids):
-                kept = _without(self._read(part), stale)
-                if kept.num_rows:
-                    self._put(part, kept)
-                else:
-                    self._delete(part)
-                changed += 1
+                changed += self._rewrite_without(part, stale)
             newer.update(ids)
+            if any(i.endswith(UNREADABLE_SUFFIX) for i in ids):
+                with_unreadable.append(part)
+        if with_unreadable:
+            changed += self._drop_unreadable_rows_of_read_inputs(with_unreadable)
+        return changed
+
+    def _rewrite_without(self, part, ids: set[str]) -> int:
+        kept = _without(self._read(part), ids)
+        if kept.num_rows:
+            self._put(part, kept)
+        else:
+            self._delete(part)
+        return 1
+
+    def _drop_unreadable_rows_of_read_inputs(self, candidates: list) -> int:
+        """An unreadable row whose input has content rows now (same `source`) is stale: drop it.
+
+        Rare (only outputs that hold unreadable rows pay for it): the unreadable rows' sources are few,
+        so the scan of every part's `source` column checks membership in that small set.
+        """
+        parts = self._parts()
+        candidates = [p for p in candidates if p in set(parts)]  # the loop above may have deleted some
+        unreadable: dict[str, set[str]] = {}  # source -> its unreadable ids
+        for part in candidates:
+            t = self._read(part, ["id", "source"])
+            mask = pc.ends_with(t.column("id"), UNREADABLE_SUFFIX)
+            for i, src in zip(pc.filter(t.column("id"), mask).to_pylist(), pc.filter(t.column("source"), mask).to_pylist()):
+                unreadable.setdefault(src, set()).add(i)
+        wanted = pa.array(list(unreadable), pa.string())
+        read_sources: set[str] = set()
+        for part in parts:
+            t = self._read(part, ["id", "source"])
+            hit = pc.and_(pc.invert(pc.ends_with(t.column("id"), UNREADABLE_SUFFIX)),
+                          pc.is_in(t.column("source"), value_set=wanted))
+            read_sources.update(pc.filter(t.column("source"), hit).to_pylist())
+        drop = set().union(*(unreadable[s] for s in read_sources)) if read_sources else set()
+        changed = 0
+        for part in candidates if drop else []:
+            if drop.intersection(self._read(part, ["id"]).column("id").to_pylist()):
+                changed += self._rewrite_without(part, drop)
         return changed
 
     def close(self) -> None:
@@ -307,6 +356,8 @@ class SqliteSink(_Closes):
             self.conn.execute("PRAGMA synchronous=NORMAL")
             with self.conn:
                 self.conn.execute(f"CREATE TABLE IF NOT EXISTS {_sqlite_quote(table)} ({_column_defs(_sqlite_quote)})")
+                self.conn.execute(f"CREATE INDEX IF NOT EXISTS {_sqlite_quote(_unreadable_index(table))} ON "
+                                  f"{_sqlite_quote(table)} (source) WHERE {_UNREADABLE_SQL}")
         except (sqlite3.Error, OSError) as e:
             raise SinkError(redact(f"{dsn}: cannot open SQLite database: {e}")) from None
         cols = ", ".join(_sqlite_quote(c) for c in ROW_FIELDS)
@@ -317,21 +368,38 @@ class SqliteSink(_Closes):
         )
 
     def done_ids(self, include_errors: bool = False) -> set[str]:
-        q = f"SELECT id FROM {_sqlite_quote(self.table)}" + ("" if include_errors else " WHERE status = ?")
-        return {r[0] for r in self.conn.execute(q, () if include_errors else ("ok",))}
+        return _done(self.done_id_chunks(), include_errors)
+
+    def done_id_chunks(self) -> Iterator[tuple[list[str], list[str]]]:
+        cur = self.conn.execute(f"SELECT id, status FROM {_sqlite_quote(self.table)}")
+        while rows := cur.fetchmany(_DONE_CHUNK):
+            yield [r[0] for r in rows], [r[1] for r in rows]
 
     def write(self, rows: list[dict]) -> None:
         rows = _validated(rows)
         if not rows:
             return
+        read = sorted({r["source"] for r in rows if not r["id"].endswith(UNREADABLE_SUFFIX)})
         try:
             with self.conn:
                 self.conn.executemany(self._upsert, [tuple(r[c] for c in ROW_FIELDS) for r in rows])
+                for k in range(0, len(read), 500):  # this input was read: its unreadable row goes
+                    chunk = read[k:k + 500]
+                    self.conn.execute(f"DELETE FROM {_sqlite_quote(self.table)} WHERE {_UNREADABLE_SQL} AND source IN "
+                                      f"({', '.join('?' for _ in chunk)})", chunk)
         except sqlite3.Error as e:
             raise SinkError(redact(f"{self.dsn}: cannot write to table {self.table}: {e}")) from None
 
     def close(self) -> None:
         self.conn.close()
+
+
+_UNREADABLE_SQL = "id LIKE '%" + UNREADABLE_SUFFIX + "'"  # also the partial index's predicate, word for word
+
+
+def _unreadable_index(table: str) -> str:
+    """A name within PostgreSQL's 63 characters, unique per table."""
+    return f"{table[:36]}_unreadable_{hashlib.sha256(table.encode()).hexdigest()[:8]}"
 
 
 def _sqlite_path(dsn: str) -> str:
@@ -398,7 +466,12 @@ class PostgresSink(_Closes):
         )
         self._select_all = sql.SQL("SELECT id FROM {}").format(ident)
         self._select_ok = sql.SQL("SELECT id FROM {} WHERE status = %s").format(ident)
+        self._select_pairs = sql.SQL("SELECT id, status FROM {}").format(ident)
         create = sql.SQL("CREATE TABLE IF NOT EXISTS {} ({})").format(ident, columns)
+        index = sql.SQL("CREATE INDEX IF NOT EXISTS {} ON {} (source) WHERE " + _UNREADABLE_SQL.replace("%", "%%")).format(
+            sql.Identifier(_unreadable_index(table)), ident)
+        self._drop_unreadable = sql.SQL(
+            "DELETE FROM {} WHERE " + _UNREADABLE_SQL.replace("%", "%%") + " AND source = ANY(%s)").format(ident)
 
         def create_table(conn) -> None:
             # CREATE TABLE IF NOT EXISTS is not atomic: two sessions creating the same new table race on
@@ -406,6 +479,7 @@ class PostgresSink(_Closes):
             with conn.transaction():
                 conn.execute("SELECT pg_advisory_xact_lock(%s)", (_pg_lock_key(table),))
                 conn.execute(create)
+                conn.execute(index)
 
         try:
             self._with_reconnect(create_table)
@@ -461,15 +535,28 @@ class PostgresSink(_Closes):
         except SinkError as e:
             raise SinkError(f"{self.name}: cannot read table {self.table}: {e}") from None
 
+    def done_id_chunks(self) -> Iterator[tuple[list[str], list[str]]]:
+        """All (id, status) pairs through a server-side cursor, so neither side holds the table at once."""
+        try:
+            with self.conn.transaction(), self.conn.cursor(name=f"pagemill_done_{uuid.uuid4().hex[:8]}") as cur:
+                cur.execute(self._select_pairs)
+                while rows := cur.fetchmany(_DONE_CHUNK):
+                    yield [r[0] for r in rows], [r[1] for r in rows]
+        except self._errors as e:
+            raise SinkError(redact(f"{self.name}: cannot read table {self.table}: {e}")) from None
+
     def write(self, rows: list[dict]) -> None:
         rows = _validated(rows)
         if not rows:
             return
         values = [tuple(r[c] for c in ROW_FIELDS) for r in rows]
+        read = sorted({r["source"] for r in rows if not r["id"].endswith(UNREADABLE_SUFFIX)})
 
         def upsert(conn) -> None:
             with conn.transaction(), conn.cursor() as cur:
                 cur.executemany(self._upsert, values)
+                if read:  # these inputs were read: their unreadable rows go (one input, one row)
+                    cur.execute(self._drop_unreadable, (read,))
 
         try:
             self._with_reconnect(upsert)

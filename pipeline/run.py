@@ -23,6 +23,7 @@ from pipeline.contact_sheet import ContactSheet
 from pipeline.generate import CRASH_ENV, Generate
 from pipeline.postprocess import postprocess
 from pipeline.preprocess import Preprocess, source_options
+from pipeline.resume import DoneSet, load_done_set
 from pipeline.summary import Summary, Tally, side_path
 
 
@@ -54,7 +55,7 @@ def _gpus_per_worker(config: JobConfig) -> float:
     return 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
 
 
-def build_dataset(config: JobConfig, model_path: str, done: frozenset[str]) -> Any:
+def build_dataset(config: JobConfig, model_path: str, done: DoneSet | frozenset[str]) -> Any:
     """The lazy Ray Data plan; nothing runs until the driver iterates it."""
     import ray
     from ray.data import TaskPoolStrategy
@@ -130,7 +131,7 @@ def run_job(config: JobConfig, *, quiet: bool = False) -> Summary:
     sink = open_sink(config.output, table=config.table, s3=s3_options(config), password_env=config.db_password_env)
     sheet = None
     try:
-        done = frozenset(sink.done_ids(include_errors=not config.retry_errors))
+        done = load_done_set(sink, include_errors=not config.retry_errors)  # compact; shared once via Ray
         _init_ray(config)
         ds = build_dataset(config, model_path, done)
         if config.job == "catalog" and config.contact_sheet:

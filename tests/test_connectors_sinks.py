@@ -504,3 +504,24 @@ def test_postgresql_password_from_the_environment_not_the_command_line(pg_table,
     sink = open_sink(PG, table=pg_table)
     assert sink.conn.info.password == "from-passfile"
     sink.close()
+
+
+def _unreadable_then_read(sink) -> None:
+    """Run 1 could not read /in/x (error row under its unreadable id); run 2 read it: 2 pages."""
+    sink.write([row("u" * 32 + ":unreadable", "error", source="/in/x", page=None),
+                row("v" * 32 + ":unreadable", "error", source="/in/still-missing", page=None), row("a")])
+    sink.write([row("c" * 32 + ":1", source="/in/x"), row("c" * 32 + ":2", source="/in/x", page=2)])
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "postgresql", "parquet"])
+def test_a_read_input_replaces_its_unreadable_row(kind, tmp_path, pg_table):
+    """One input, one row: content rows replace the input's unreadable error row (SQL at write, Parquet at compact)."""
+    dst = {"sqlite": f"sqlite:///{tmp_path}/u.db", "postgresql": PG, "parquet": str(tmp_path / "u")}[kind]
+    sink = open_sink(dst, table=pg_table)
+    _unreadable_then_read(sink)
+    sink.compact()
+    want = {"a", "c" * 32 + ":1", "c" * 32 + ":2", "v" * 32 + ":unreadable"}
+    assert sink.done_ids(include_errors=True) == want
+    sink.close()
+    if kind == "parquet":  # what any reader of the directory sees
+        assert sorted(pq.read_table(dst).column("id").to_pylist()) == sorted(want)
