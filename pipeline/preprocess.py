@@ -6,6 +6,7 @@ error row here and flows on; nothing in this stage raises for bad data.
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import io
 from collections.abc import Container, Iterator
@@ -116,6 +117,7 @@ class Preprocess:
     def __init__(self, config: JobConfig, model_path: str, done_ids: Container[str] = frozenset()) -> None:
         from model import load_processor
 
+        _big_allocations_from_mmap()
         self.processor = load_processor(model_path)
         self.limits = decode_limits(config)
         self.options = source_options(config)
@@ -183,6 +185,19 @@ class Preprocess:
             "prep": pack_arrays(self.processor.pack(prep)),
             "thumb": _thumbnail(image) if self.thumbnails else b"",
         }
+
+
+def _big_allocations_from_mmap(threshold: int = 128 * 1024) -> None:
+    """Pin glibc's mmap threshold, so page-sized buffers (bitmaps, tiles: MBs each) go back to the OS when freed.
+
+    By default glibc raises the threshold after the first large free and serves later ones from its heap,
+    where interleaved pdfium and numpy allocations fragment it: measured, the actor's RSS then grew by
+    ~17 MB per page (1.1 GB after 60 pages) although every page was freed; pinned, it stays flat.
+    """
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(-3, threshold)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):  # not glibc: nothing to tune
+        pass
 
 
 def _empty(source: str) -> bytes:

@@ -53,6 +53,26 @@ def _encode(ids: pa.Array) -> tuple[np.ndarray, np.ndarray]:
     return raw.view(f"S{KEY_BYTES}").reshape(n), ok
 
 
+_HEX_CHARS = frozenset("0123456789abcdef")
+
+
+def _encode_one(id_: str) -> np.bytes_ | None:
+    """`_encode` for one id without Arrow (a lookup per page must cost microseconds, not an Arrow call)."""
+    if len(id_) < 34 or id_[32] != ":" or not _HEX_CHARS.issuperset(id_[:32]):
+        return None
+    suffix = id_[33:]
+    if suffix == "img":
+        code = _IMG
+    elif suffix == "unreadable":
+        code = _UNREADABLE
+    elif suffix.isascii() and suffix.isdigit() and suffix[0] != "0" and len(suffix) <= 9:
+        code = int(suffix)
+    else:
+        return None
+    # numpy drops trailing NULs of "S" items; drop them here too so the comparison below is like for like
+    return np.bytes_((bytes.fromhex(id_[:32]) + code.to_bytes(4, "big")).rstrip(b"\0"))
+
+
 def _as_arrow(values: Any) -> pa.Array:
     if isinstance(values, pa.ChunkedArray):
         return values.combine_chunks()
@@ -114,12 +134,12 @@ class DoneSet:
             return False
         if id_ in self._extra:
             return True
-        k, shaped = _encode(pa.array([id_], pa.string()))
-        if not shaped[0]:
+        k = _encode_one(id_)
+        if k is None:
             return False
         keys = self._array()
-        i = int(np.searchsorted(keys, k[0]))
-        return i < len(keys) and keys[i] == k[0]
+        i = int(np.searchsorted(keys, k))
+        return i < len(keys) and keys[i] == k
 
     def __len__(self) -> int:
         return len(self._array()) + len(self._extra)

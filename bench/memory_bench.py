@@ -1,0 +1,141 @@
+"""Peak memory of the CPU stage (Preprocess: read, rasterize, tile, pack) over one big PDF, by page count.
+
+    python bench/memory_bench.py [--pages 150 300 1000] [--one-block 50 150] [--out bench/results-memory.json]
+
+Each measurement runs in a fresh subprocess: Preprocess (real-size tiling, the smoke checkpoint's processor)
+over one N-page PDF of full-page scans (A4 at 150 dpi, JPEG), every output chunk consumed and dropped as Ray
+would ship it, and the child's peak RSS while it runs recorded (sampled every 5 ms, so start-up is not counted). `--one-block` repeats it with every page's
+rows gathered into one block before anything is yielded and glibc's default mmap threshold, which is what the
+stage did before pages streamed.
+Inside Ray the actor also buffers up to one output block (Ray Data's target_max_block_size, 128 MiB) on top.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+def make_pdf(path: Path, pages: int) -> None:
+    """Full-page scans: text lines and a drawing on A4 at 150 dpi, one JPEG image per page (Pillow's PDF writer)."""
+    from PIL import Image, ImageDraw
+
+    def page(n: int) -> Image.Image:
+        img = Image.new("RGB", (1240, 1754), "white")
+        d = ImageDraw.Draw(img)
+        for line in range(60):
+            d.text((90, 90 + line * 26), f"page {n} line {line}: the quick brown fox jumps over the lazy dog " * 2,
+                   fill=(20, 20, 20))
+        d.rectangle((700, 1300, 1100, 1650), outline=(200, 30, 30), width=6)
+        return img
+
+    first = page(1)
+    first.save(path, format="PDF", save_all=True, append_images=(page(n) for n in range(2, pages + 1)),
+               resolution=150, quality=75)
+
+
+def rss_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+class PeakSampler:
+    """The highest RSS seen while running (every 5 ms): ru_maxrss would include start-up (imports, torch)."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.peak = rss_mb()
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True)
+        self._t.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.005):
+            self.peak = max(self.peak, rss_mb())
+
+    def stop(self) -> float:
+        self._stop.set()
+        self._t.join()
+        return max(self.peak, rss_mb())
+
+
+def child(pdf: str, one_block: bool) -> dict:
+    import numpy as np
+
+    import pipeline.preprocess as preprocess
+    from pipeline.checkpoint import smoke_checkpoint
+    from pipeline.config import JobConfig
+
+    if one_block:  # as before: every row of the document in one block, glibc's default mmap threshold
+        preprocess._CHUNK_ROWS = 10**9
+        preprocess._big_allocations_from_mmap = lambda: None
+    model = str(smoke_checkpoint())
+    config = JobConfig(input=pdf, output="unused", model=model, max_pdf_pages=100_000)
+    pre = preprocess.Preprocess(config, model)
+    base = rss_mb()
+    sampler = PeakSampler()
+    t0 = time.perf_counter()
+    first_s = None
+    rows = chunks = prep_bytes = 0
+    for out in pre({"source": np.array([pdf], dtype=object)}):
+        if first_s is None:
+            first_s = time.perf_counter() - t0
+        chunks += 1
+        rows += len(out["id"])
+        prep_bytes += sum(len(b) for b in out["prep"])
+        assert all(s == "ok" for s in out["status"]), set(out["error"])
+        del out
+    peak = sampler.stop()
+    return {"rows": rows, "chunks": chunks, "seconds": round(time.perf_counter() - t0, 1),
+            "first_chunk_s": round(first_s or 0.0, 2), "prep_mb_per_page": round(prep_bytes / max(rows, 1) / 2**20, 2),
+            "rss_before_mb": round(base), "peak_rss_mb": round(peak)}
+
+
+def measure(pages: int, one_block: bool, tmp: Path) -> dict:
+    pdf = tmp / f"doc{pages}.pdf"
+    if not pdf.exists():
+        make_pdf(pdf, pages)
+    cmd = [sys.executable, __file__, "--child", str(pdf)] + (["--one-block-child"] if one_block else [])
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=REPO)
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    return {"pages": pages, "mode": "one block (before)" if one_block else "streamed", "pdf_mb": round(pdf.stat().st_size / 2**20, 1)} | result
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--pages", type=int, nargs="*", default=[150, 300, 1000])
+    ap.add_argument("--one-block", type=int, nargs="*", default=[50, 150])
+    ap.add_argument("--out", default=str(REPO / "bench" / "results-memory.json"))
+    ap.add_argument("--child")
+    ap.add_argument("--one-block-child", action="store_true")
+    args = ap.parse_args()
+    if args.child:
+        print(json.dumps(child(args.child, args.one_block_child)))
+        return
+    results = []
+    with tempfile.TemporaryDirectory(prefix="pm-membench-") as tmp:
+        for pages, one in [(p, False) for p in args.pages] + [(p, True) for p in args.one_block]:
+            r = measure(pages, one, Path(tmp))
+            print(json.dumps(r), flush=True)
+            results.append(r)
+    meta = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
+            "python": platform.python_version(), "pdf": "A4 150 dpi JPEG scans, rasterized at pdf_longest_side 1288"}
+    Path(args.out).write_text(json.dumps({"meta": meta, "results": results}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
