@@ -1,12 +1,13 @@
 """Peak memory of the CPU stage (Preprocess: read, rasterize, tile, pack) over one big PDF, by page count.
 
-    python bench/memory_bench.py [--pages 150 300 1000] [--one-block 50 150] [--out bench/results-memory.json]
+    python bench/memory_bench.py [--pages 150 300 1000] [--one-block 50 150] [--resume 150] [--out bench/results-memory.json]
 
 Each measurement runs in a fresh subprocess: Preprocess (real-size tiling, the smoke checkpoint's processor)
 over one N-page PDF of full-page scans (A4 at 150 dpi, JPEG), every output chunk consumed and dropped as Ray
 would ship it, and the child's peak RSS while it runs recorded (sampled every 5 ms, so start-up is not counted). `--one-block` repeats it with every page's
 rows gathered into one block before anything is yielded and glibc's default mmap threshold, which is what the
-stage did before pages streamed.
+stage did before pages streamed. `--resume` times a re-run over a PDF whose pages are all done, before
+(every page rendered, then skipped) and now (none rendered).
 Inside Ray the actor also buffers up to one output block (Ray Data's target_max_block_size, 128 MiB) on top.
 """
 
@@ -73,19 +74,28 @@ class PeakSampler:
         return max(self.peak, rss_mb())
 
 
-def child(pdf: str, one_block: bool) -> dict:
+def child(pdf: str, one_block: bool, resume: bool = False) -> dict:
     import numpy as np
 
     import pipeline.preprocess as preprocess
+    from connectors.decode import content_key, row_id
     from pipeline.checkpoint import smoke_checkpoint
     from pipeline.config import JobConfig
+    from pipeline.resume import DoneSet
 
     if one_block:  # as before: every row of the document in one block, glibc's default mmap threshold
         preprocess._CHUNK_ROWS = 10**9
         preprocess._big_allocations_from_mmap = lambda: None
+        if resume:  # and every page rendered before its id was checked
+            expand = preprocess.expand
+            preprocess.expand = lambda source, data, limits, skip=None: expand(source, data, limits=limits)
     model = str(smoke_checkpoint())
     config = JobConfig(input=pdf, output="unused", model=model, max_pdf_pages=100_000)
-    pre = preprocess.Preprocess(config, model)
+    done = frozenset()
+    if resume:  # a re-run over a finished output: every page of the document is done
+        key = content_key(Path(pdf).read_bytes())
+        done = DoneSet.of(row_id(key, n) for n in range(1, 100_001))
+    pre = preprocess.Preprocess(config, model, done_ids=done)
     base = rss_mb()
     sampler = PeakSampler()
     t0 = time.perf_counter()
@@ -97,7 +107,7 @@ def child(pdf: str, one_block: bool) -> dict:
         chunks += 1
         rows += len(out["id"])
         prep_bytes += sum(len(b) for b in out["prep"])
-        assert all(s == "ok" for s in out["status"]), set(out["error"])
+        assert all(s == ("skipped" if resume else "ok") for s in out["status"]), set(out["error"])
         del out
     peak = sampler.stop()
     return {"rows": rows, "chunks": chunks, "seconds": round(time.perf_counter() - t0, 1),
@@ -105,14 +115,16 @@ def child(pdf: str, one_block: bool) -> dict:
             "rss_before_mb": round(base), "peak_rss_mb": round(peak)}
 
 
-def measure(pages: int, one_block: bool, tmp: Path) -> dict:
+def measure(pages: int, one_block: bool, tmp: Path, resume: bool = False) -> dict:
     pdf = tmp / f"doc{pages}.pdf"
     if not pdf.exists():
         make_pdf(pdf, pages)
     cmd = [sys.executable, __file__, "--child", str(pdf)] + (["--one-block-child"] if one_block else [])
+    cmd += ["--resume-child"] if resume else []
     out = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=REPO)
     result = json.loads(out.stdout.strip().splitlines()[-1])
-    return {"pages": pages, "mode": "one block (before)" if one_block else "streamed", "pdf_mb": round(pdf.stat().st_size / 2**20, 1)} | result
+    mode = ("re-run, all pages done: " if resume else "") + ("before" if one_block else "now")
+    return {"pages": pages, "mode": mode, "pdf_mb": round(pdf.stat().st_size / 2**20, 1)} | result
 
 
 def main() -> None:
@@ -122,14 +134,18 @@ def main() -> None:
     ap.add_argument("--out", default=str(REPO / "bench" / "results-memory.json"))
     ap.add_argument("--child")
     ap.add_argument("--one-block-child", action="store_true")
+    ap.add_argument("--resume", type=int, nargs="*", default=[150])
+    ap.add_argument("--resume-child", action="store_true")
     args = ap.parse_args()
     if args.child:
-        print(json.dumps(child(args.child, args.one_block_child)))
+        print(json.dumps(child(args.child, args.one_block_child, args.resume_child)))
         return
     results = []
     with tempfile.TemporaryDirectory(prefix="pm-membench-") as tmp:
-        for pages, one in [(p, False) for p in args.pages] + [(p, True) for p in args.one_block]:
-            r = measure(pages, one, Path(tmp))
+        runs = [(p, False, False) for p in args.pages] + [(p, True, False) for p in args.one_block]
+        runs += [(p, one, True) for p in args.resume for one in (True, False)]
+        for pages, one, resume in runs:
+            r = measure(pages, one, Path(tmp), resume)
             print(json.dumps(r), flush=True)
             results.append(r)
     meta = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
