@@ -197,7 +197,8 @@ class _ParquetSink(_Closes):
         so the scan of every part's `source` column checks membership in that small set.
         """
         parts = self._parts()
-        candidates = [p for p in candidates if p in set(parts)]  # the loop above may have deleted some
+        present = set(parts)
+        candidates = [p for p in candidates if p in present]  # the loop above may have deleted some
         unreadable: dict[str, set[str]] = {}  # source -> its unreadable ids
         for part in candidates:
             t = self._read(part, ["id", "source"])
