@@ -16,7 +16,8 @@ from typing import TypeVar
 import boto3
 import pyarrow.fs as pafs
 from botocore.config import Config
-from botocore.exceptions import BotoCoreError, ClientError
+from botocore.exceptions import ClientError, HTTPClientError, IncompleteReadError
+from botocore.exceptions import ConnectionError as BotoConnectionError
 from pydantic import BaseModel, ConfigDict, SecretStr
 from urllib3.exceptions import HTTPError as URLLib3Error
 
@@ -98,12 +99,14 @@ def arrow_s3_fs(opts: S3Options | None = None) -> pafs.S3FileSystem:
     return pafs.S3FileSystem(**kwargs)
 
 
-def _transient(e: BaseException) -> bool:
+def is_transient(e: BaseException) -> bool:
     """A failure a second try may not see: the connection or the body broke, or S3 said 5xx / slow down."""
     if isinstance(e, ClientError):
         status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
         return status >= 500 or e.response.get("Error", {}).get("Code") in ("SlowDown", "Throttling", "RequestTimeout")
-    return isinstance(e, (BotoCoreError, URLLib3Error, ConnectionError, TimeoutError))
+    # Connection, timeout and broken-body errors; not NoCredentialsError, ParamValidationError and the like.
+    return isinstance(e, (HTTPClientError, BotoConnectionError, IncompleteReadError, URLLib3Error, ConnectionError,
+                          TimeoutError))
 
 
 def with_retries(what: str, fn: Callable[[], T], *, attempts: int = READ_ATTEMPTS) -> T:
@@ -111,8 +114,8 @@ def with_retries(what: str, fn: Callable[[], T], *, attempts: int = READ_ATTEMPT
     for attempt in range(1, attempts + 1):
         try:
             return fn()
-        except Exception as e:  # noqa: BLE001 - filtered by _transient, re-raised otherwise
-            if attempt == attempts or not _transient(e):
+        except Exception as e:  # noqa: BLE001 - filtered by is_transient, re-raised otherwise
+            if attempt == attempts or not is_transient(e):
                 raise
             delay = _BACKOFF_S * 2 ** (attempt - 1) * (0.5 + random.random())
             log.warning("%s", redact(f"{what}: attempt {attempt}/{attempts} failed ({type(e).__name__}: {e});"

@@ -21,8 +21,8 @@ from urllib3.exceptions import HTTPError as URLLib3Error
 from connectors.errors import InputError
 from connectors.record import Record
 from connectors.redact import redact
-from connectors.s3 import (READ_ATTEMPTS, ObjectTooBig, S3Options, arrow_s3_fs, get_object_bytes, s3_client,
-                           split_s3_url)
+from connectors.s3 import (READ_ATTEMPTS, ObjectTooBig, S3Options, arrow_s3_fs, get_object_bytes, is_transient,
+                           s3_client, split_s3_url)
 
 log = logging.getLogger(__name__)
 
@@ -274,6 +274,7 @@ def _read_s3(source: str, opts: SourceOptions) -> bytes:
             raise InputError(f"{source}: access denied") from None
         raise InputError(redact(f"{source}: cannot read: {e}")) from None
     except (BotoCoreError, URLLib3Error, OSError) as e:
-        raise InputError(redact(f"{source}: cannot read after {READ_ATTEMPTS} attempts: {e}")) from None
+        tries = f" after {READ_ATTEMPTS} attempts" if is_transient(e) else ""
+        raise InputError(redact(f"{source}: cannot read{tries}: {e}")) from None
     _check_size(source, len(data), opts)
     return data
