@@ -44,14 +44,17 @@ def test_done_set_of_many_ids_is_20_bytes_each_and_pickles_small_with_ray(tmp_pa
     assert len(done) == n and done.nbytes == 20 * n
     assert _hex(7919 * 5) + ":img" in done and _hex(7919 * 5 + 1) + ":img" not in done
     assert len(pickle.dumps(done)) > 20 * n  # without Ray: a plain copy
-    ray.init(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False)
+    started = not ray.is_initialized()  # another module's session-wide Ray may be up already
+    if started:
+        ray.init(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False)
     try:
         blob = pickle.dumps(done)  # with Ray: a handle to one object-store copy
         assert len(blob) < 10_000
         probe = ray.remote(lambda d, k: (k in d, len(d), d._array().flags.writeable))
         assert ray.get(probe.remote(done, _hex(7919 * 12345) + ":img")) == (True, n, False)  # read-only: shared
     finally:
-        ray.shutdown()
+        if started:
+            ray.shutdown()
 
 
 def _pre(monkeypatch, done=frozenset(), **kw) -> tuple[Preprocess, list[int]]:
