@@ -256,11 +256,21 @@ def to_rgb(img: Image.Image) -> Image.Image:
 # ---------------------------------------------------------------- PDFs
 
 
+# pdfium keeps every object it has parsed (page dictionaries, image streams) until the document closes:
+# about 0.4 MB per rendered page of a scan. Reopening after this many rendered pages bounds that.
+_REOPEN_EVERY = 50
+
+
+def _open_pdf(data: bytes) -> pdfium.PdfDocument:
+    pdf = pdfium.PdfDocument(data)
+    pdf.init_forms()  # so filled-in form fields are rendered, as a viewer shows them
+    return pdf
+
+
 def _expand_pdf(source: str, data: bytes, limits: DecodeLimits, t0: float,
                 skip: Callable[[int], bool] | None = None) -> Iterator[DecodedPage]:
     try:
-        pdf = pdfium.PdfDocument(data)
-        pdf.init_forms()  # so filled-in form fields are rendered, as a viewer shows them
+        pdf = _open_pdf(data)
     except pdfium.PdfiumError as e:
         yield _error(source, _pdf_open_failure(data, getattr(e, "err_code", None)), t0)
         return
@@ -278,11 +288,16 @@ def _expand_pdf(source: str, data: bytes, limits: DecodeLimits, t0: float,
                 source, f"PDF has too many pages ({len(pages)} selected > max_pdf_pages={limits.max_pdf_pages})", t0
             )
             return
+        rendered = 0
         for number in pages:
             if skip is not None and skip(number):
                 yield DecodedPage(source=source, page=number, skipped=True)
                 continue
+            if rendered and rendered % _REOPEN_EVERY == 0:
+                pdf.close()
+                pdf = _open_pdf(data)
             yield _render_page(source, pdf, number, limits, t0)
+            rendered += 1
             t0 = time.perf_counter()  # opening the document is charged to the first rendered page
     finally:
         pdf.close()

@@ -331,3 +331,16 @@ def test_accepts_memoryview_and_numpy_bytes():
     data = _png(Image.new("L", (3, 2)))
     assert _one("m.png", memoryview(data)).image.size == (3, 2)
     assert _one("n.png", np.bytes_(data)).image.size == (3, 2)
+
+
+def test_long_pdf_reopened_between_pages_renders_every_page(monkeypatch):
+    """The document is reopened every _REOPEN_EVERY rendered pages (bounds pdfium's caches); nothing changes."""
+    import connectors.decode as decode
+
+    monkeypatch.setattr(decode, "_REOPEN_EVERY", 3)
+    sizes = [(100 + i, 200) for i in range(10)]
+    done = {4, 5}
+    pages = list(expand("long.pdf", _pdf(sizes), limits=DecodeLimits(pdf_longest_side=200), skip=done.__contains__))
+    assert [p.page for p in pages] == list(range(1, 11))
+    assert [p.page for p in pages if p.skipped] == [4, 5] and all(p.image is None for p in pages if p.skipped)
+    assert [p.image.size[0] for p in pages if not p.skipped] == [100 + i for i in range(10) if i + 1 not in done]
