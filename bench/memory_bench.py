@@ -122,7 +122,7 @@ def child(pdf: str, one_block: bool, resume: bool = False) -> dict:
             expand = preprocess.expand
             preprocess.expand = lambda source, data, limits, skip=None: expand(source, data, limits=limits)
     model = str(smoke_checkpoint())
-    config = JobConfig(input=pdf, output="unused", model=model, max_pdf_pages=100_000)
+    config = JobConfig(input=pdf, output="unused", model=model, max_pdf_pages=100_000, max_bytes=2**30)
     done = frozenset()
     if resume:  # a re-run over a finished output: every page of the document is done
         key = content_key(Path(pdf).read_bytes())
@@ -159,7 +159,8 @@ def ray_child(pdf: str) -> dict:
     from pipeline.source import InputsDatasource
 
     model = str(smoke_checkpoint())
-    config = JobConfig(input=pdf, output="unused", model=model, max_pdf_pages=100_000, cpu_batch_size=1)
+    config = JobConfig(input=pdf, output="unused", model=model, max_pdf_pages=100_000, max_bytes=2**30,
+                       cpu_batch_size=1)
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     ds = ray.data.read_datasource(InputsDatasource(pdf, source_options(config)), override_num_blocks=1, num_cpus=0)
     ds = ds.map_batches(Preprocess, fn_constructor_kwargs=dict(config=config, model_path=model), batch_size=1,
@@ -231,7 +232,13 @@ def main() -> None:
     if args.ray_child:
         print(json.dumps(ray_child(args.ray_child)))
         return
-    results = []
+    results: list[dict] = []
+    meta = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
+            "python": platform.python_version(), "pdf": "A4 150 dpi JPEG scans, rasterized at pdf_longest_side 1288"}
+
+    def save() -> None:  # after every measurement: a long run stopped early keeps what it measured
+        Path(args.out).write_text(json.dumps({"meta": meta, "results": results}, indent=2) + "\n")
+
     with tempfile.TemporaryDirectory(prefix="pm-membench-") as tmp:
         runs = [(p, False, False) for p in args.pages] + [(p, True, False) for p in args.one_block]
         runs += [(p, one, True) for p in args.resume for one in (True, False)]
@@ -239,13 +246,12 @@ def main() -> None:
             r = measure(pages, one, Path(tmp), resume)
             print(json.dumps(r), flush=True)
             results.append(r)
+            save()
         for pages in args.ray:
             r = measure_ray(pages, Path(tmp))
             print(json.dumps(r), flush=True)
             results.append(r)
-    meta = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
-            "python": platform.python_version(), "pdf": "A4 150 dpi JPEG scans, rasterized at pdf_longest_side 1288"}
-    Path(args.out).write_text(json.dumps({"meta": meta, "results": results}, indent=2) + "\n")
+            save()
 
 
 if __name__ == "__main__":

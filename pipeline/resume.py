@@ -29,7 +29,7 @@ def _encode(ids: pa.Array) -> tuple[np.ndarray, np.ndarray]:
     """(keys 'S20' for the well-shaped ids, boolean mask of which ids those were), vectorized."""
     ids = ids.cast(pa.string()) if ids.type != pa.string() else ids
     ok = pc.fill_null(pc.match_substring_regex(ids, _ID_SHAPE), False).to_numpy(zero_copy_only=False)
-    good = pc.filter(ids, pa.array(ok))
+    good = ids if ok.all() else pc.filter(ids, pa.array(ok))
     n = len(good)
     if n == 0:
         return np.empty(0, dtype=f"S{KEY_BYTES}"), ok
@@ -51,6 +51,15 @@ def _encode(ids: pa.Array) -> tuple[np.ndarray, np.ndarray]:
     raw[:, :16] = digest
     raw[:, 16:] = code.view(np.uint8).reshape(n, 4)
     return raw.view(f"S{KEY_BYTES}").reshape(n), ok
+
+
+def _stable_order(keys: np.ndarray) -> np.ndarray:
+    """argsort of 'S20' keys in byte order, stable; as three integer columns (numpy sorts bytes ~5x slower)."""
+    raw = keys.view(np.uint8).reshape(len(keys), KEY_BYTES)
+    hi = raw[:, 0:8].copy().view(">u8").ravel()
+    lo = raw[:, 8:16].copy().view(">u8").ravel()
+    code = raw[:, 16:20].copy().view(">u4").ravel()
+    return np.lexsort((code, lo, hi))
 
 
 _HEX_CHARS = frozenset("0123456789abcdef")
@@ -106,15 +115,12 @@ class DoneSet:
             return cls(None, extra)
         all_keys = np.concatenate(keys)
         del keys
-        if include_errors:
-            return cls(np.unique(all_keys), extra)
-        ok = np.concatenate(oks)
-        order = np.argsort(all_keys, kind="stable")  # equal ids stay in write order
+        order = _stable_order(all_keys)  # equal ids stay in write order
         sorted_keys = all_keys[order]
         del all_keys
         last = np.ones(len(sorted_keys), dtype=bool)
         last[:-1] = sorted_keys[1:] != sorted_keys[:-1]  # the last (newest) row of each id
-        keep = last & ok[order]
+        keep = last if include_errors else last & np.concatenate(oks)[order]
         return cls(sorted_keys[keep], extra)
 
     @classmethod

@@ -43,7 +43,9 @@ def test_done_set_of_many_ids_is_20_bytes_each_and_pickles_small_with_ray(tmp_pa
     done = DoneSet.build([(list(ids), ["ok"] * n)], include_errors=True)
     assert len(done) == n and done.nbytes == 20 * n
     assert _hex(7919 * 5) + ":img" in done and _hex(7919 * 5 + 1) + ":img" not in done
-    assert len(pickle.dumps(done)) > 20 * n  # without Ray: a plain copy
+    if not ray.is_initialized():
+        assert len(pickle.dumps(DoneSet.of(["0" * 32 + ":img"] * 3))) < 1000  # without Ray: a plain copy
+        assert len(pickle.dumps(done)) > 20 * n
     started = not ray.is_initialized()  # another module's session-wide Ray may be up already
     if started:
         ray.init(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False)
