@@ -168,7 +168,8 @@ def main() -> None:
         result["before"] = run_child("before", str(out), probe) | run_child("before_actor", probe)
         print(json.dumps(result["before"]), flush=True)
     meta = {"date": time.strftime("%Y-%m-%d"), "rows": args.rows, "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
-            "output": "LocalParquetSink, 100 parts, 5% error rows (not done)"}
+            "output": "LocalParquetSink, 100 parts, 5% error rows (not done)",
+            "load_average_at_end": os.getloadavg()[0]}
     Path(args.out).write_text(json.dumps({"meta": meta} | result, indent=2) + "\n")
 
 

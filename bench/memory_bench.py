@@ -237,6 +237,7 @@ def main() -> None:
             "python": platform.python_version(), "pdf": "A4 150 dpi JPEG scans, rasterized at pdf_longest_side 1288"}
 
     def save() -> None:  # after every measurement: a long run stopped early keeps what it measured
+        meta["load_average"] = os.getloadavg()[0]
         Path(args.out).write_text(json.dumps({"meta": meta, "results": results}, indent=2) + "\n")
 
     with tempfile.TemporaryDirectory(prefix="pm-membench-") as tmp:
