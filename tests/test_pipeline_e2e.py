@@ -221,6 +221,7 @@ def test_s3_faults_end_with_one_row_per_item(ray_session, tmp_path, s3_endpoint)
     policy = first_gets_fail(2)
     with S3FaultProxy(s3_endpoint, lambda m, k, nth: "truncate" if k == dead else policy(m, k, nth)) as proxy:
         config = cfg("s3://flaky/in/", "s3://flaky/out/", s3_endpoint_url=proxy.url, s3_region="us-east-1",
+                     summary_path=str(tmp_path / "summary.json"),
                      aws_access_key_id="testing", aws_secret_access_key="testing")
         s1 = run_job(config)
         assert (s1.items_ok, s1.items_failed) == (n - 1, 1)
