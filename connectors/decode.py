@@ -10,7 +10,8 @@ import io
 import re
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -78,14 +79,24 @@ class DecodedPage(Record):
 
     source: str
     page: int | None = None  # 1-based PDF page; None for images
-    image: Any = None  # PIL.Image.Image in RGB, or None when error is set
+    image: Any = None  # PIL.Image.Image in RGB, or None when error is set or the page was skipped
     error: str | None = None
     decode_ms: float = 0.0
+    skipped: bool = False  # `skip` said so: not rendered
 
 
 def content_id(data: bytes, page: int | None) -> str:
     """Stable row id: the same bytes give the same id wherever they are stored (resume across moves)."""
-    return hashlib.sha256(data).hexdigest()[:32] + ":" + (str(page) if page is not None else "img")
+    return row_id(content_key(data), page)
+
+
+def content_key(data: bytes) -> str:
+    """The content part of every row id of `data` (hash once, then `row_id` per page)."""
+    return hashlib.sha256(data).hexdigest()[:32]
+
+
+def row_id(key: str, page: int | None) -> str:
+    return key + ":" + (str(page) if page is not None else "img")
 
 
 def is_pdf(data: bytes) -> bool:
@@ -93,8 +104,13 @@ def is_pdf(data: bytes) -> bool:
     return b"%PDF-" in data[:1024]
 
 
-def expand(source: str, data: bytes, *, limits: DecodeLimits | None = None) -> Iterator[DecodedPage]:
-    """Yield the decoded pages of one input; bad data gives one page with `error` naming `source`."""
+def expand(source: str, data: bytes, *, limits: DecodeLimits | None = None,
+           skip: Callable[[int], bool] | None = None) -> Iterator[DecodedPage]:
+    """Yield the decoded pages of one input; bad data gives one page with `error` naming `source`.
+
+    Pages are rendered one at a time as they are consumed. A PDF page for which `skip(number)` is true
+    is yielded `skipped`, without rendering (resume renders only the pages it lacks).
+    """
     limits = limits or DecodeLimits()
     name = redact(source)
     t0 = time.perf_counter()
@@ -105,7 +121,7 @@ def expand(source: str, data: bytes, *, limits: DecodeLimits | None = None) -> I
     elif len(data) > limits.max_bytes:
         yield _error(name, f"file is too big ({len(data)} bytes > max_bytes={limits.max_bytes})", t0)
     elif is_pdf(data):
-        yield from _expand_pdf(name, data, limits, t0)
+        yield from _expand_pdf(name, data, limits, t0, skip)
     else:
         yield _decode_image(name, data, limits, t0)
 
@@ -128,19 +144,16 @@ def _available(formats: tuple[str, ...]) -> tuple[str, ...]:
 
 
 def _decode_image(source: str, data: bytes, limits: DecodeLimits, t0: float) -> DecodedPage:
+    formats = _available(limits.image_formats)
     try:
-        with warnings.catch_warnings():
-            # We enforce our own max_pixels below; Pillow's warning would only be noise.
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data), formats=_available(limits.image_formats))
+        with _own_pixel_limit():
+            img = Image.open(io.BytesIO(data), formats=formats)
             w, h = img.size  # from the header, before any pixel is decoded
             if w * h > limits.max_pixels:
                 return _error(source, f"image too large ({w}x{h} = {w * h} pixels > max_pixels={limits.max_pixels})", t0)
             img.load()
-    except Image.DecompressionBombError as e:
-        return _error(source, f"image too large (decompression bomb): {e}", t0)
     except UnidentifiedImageError:
-        return _error(source, "not an image or PDF (unrecognized format)", t0)
+        return _error(source, _unidentified(data, formats), t0)
     except (OSError, SyntaxError, ValueError, EOFError) as e:
         # Pillow reports truncation as OSError("image file is truncated ...") and corrupt headers as SyntaxError.
         return _error(source, f"corrupt or truncated image: {e}", t0)
@@ -153,6 +166,64 @@ def _decode_image(source: str, data: bytes, limits: DecodeLimits, t0: float) -> 
     except (OSError, ValueError) as e:
         return _error(source, f"cannot convert image (mode {img.mode}) to RGB: {e}", t0)
     return DecodedPage(source=source, page=None, image=rgb, decode_ms=_ms(t0))
+
+
+@contextmanager
+def _own_pixel_limit() -> Iterator[None]:
+    """Switch off Pillow's own bomb limit while opening: `max_pixels` is checked on the header instead.
+
+    Pillow's limit (2 x MAX_IMAGE_PIXELS) would otherwise refuse with its own number what the user allowed,
+    and quote that number instead of `max_pixels`. Decoders run one per process, so the global is safe to flip.
+    """
+    saved = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None
+    try:
+        yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = saved
+
+
+def _unidentified(data: bytes, formats: tuple[str, ...]) -> str:
+    """Name the format a file claims (its magic bytes) and why Pillow refused it, or say it is no image."""
+    for fmt in formats:
+        factory, accept = Image.OPEN[fmt]
+        if accept is None or not accept(data[:16]):
+            continue
+        try:
+            factory(io.BytesIO(data), None).close()
+        except Exception as e:  # noqa: BLE001 - the plugin's own reason is what we want to report
+            reason = str(e) or type(e).__name__
+            if fmt == "TIFF" and (layout := _tiff_layout(data)):
+                return f"TIFF pixel format not supported ({layout}): {reason}"
+            return f"corrupt or unsupported {fmt} image: {reason}"
+    return "not an image or PDF (unrecognized format)"
+
+
+_TIFF_SAMPLES = {1: "unsigned integer", 2: "signed integer", 3: "floating point"}
+_TIFF_PHOTOMETRIC = {0: "min-is-white", 1: "grayscale", 2: "RGB", 3: "palette", 4: "mask", 5: "CMYK",
+                     6: "YCbCr", 8: "CIELab"}
+
+
+def _tiff_layout(data: bytes) -> str | None:
+    """'16-bit floating point grayscale, 1 sample per pixel' from the first IFD, or None if unreadable."""
+    from PIL import TiffImagePlugin
+
+    try:
+        ifd = TiffImagePlugin.ImageFileDirectory_v2(data[:8])
+        fp = io.BytesIO(data)
+        fp.seek(ifd.next)
+        ifd.load(fp)
+        bits = ifd.get(258, (1,))
+        bits = bits if isinstance(bits, tuple) else (bits,)
+        fmt = ifd.get(339, (1,))
+        fmt = fmt[0] if isinstance(fmt, tuple) else fmt
+        photometric = ifd.get(262)
+        spp = ifd.get(277, 1)
+    except Exception:  # noqa: BLE001 - a header we cannot parse has no layout to report
+        return None
+    bit_text = "/".join(str(b) for b in dict.fromkeys(bits))
+    colour = _TIFF_PHOTOMETRIC.get(photometric, f"photometric {photometric}")
+    return f"{bit_text}-bit {_TIFF_SAMPLES.get(fmt, f'sample format {fmt}')} {colour}, {spp} sample(s) per pixel"
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
@@ -185,17 +256,23 @@ def to_rgb(img: Image.Image) -> Image.Image:
 # ---------------------------------------------------------------- PDFs
 
 
-def _expand_pdf(source: str, data: bytes, limits: DecodeLimits, t0: float) -> Iterator[DecodedPage]:
+# pdfium keeps every object it has parsed (page dictionaries, image streams) until the document closes:
+# about 0.4 MB per rendered page of a scan. Reopening after this many rendered pages bounds that.
+_REOPEN_EVERY = 50
+
+
+def _open_pdf(data: bytes) -> pdfium.PdfDocument:
+    pdf = pdfium.PdfDocument(data)
+    pdf.init_forms()  # so filled-in form fields are rendered, as a viewer shows them
+    return pdf
+
+
+def _expand_pdf(source: str, data: bytes, limits: DecodeLimits, t0: float,
+                skip: Callable[[int], bool] | None = None) -> Iterator[DecodedPage]:
     try:
-        pdf = pdfium.PdfDocument(data)
-        pdf.init_forms()  # so filled-in form fields are rendered, as a viewer shows them
+        pdf = _open_pdf(data)
     except pdfium.PdfiumError as e:
-        if getattr(e, "err_code", None) == pdfium_c.FPDF_ERR_PASSWORD:
-            yield _error(source, "PDF is encrypted (password required)", t0)
-        elif getattr(e, "err_code", None) == pdfium_c.FPDF_ERR_SECURITY:
-            yield _error(source, "PDF uses an unsupported security handler", t0)
-        else:
-            yield _error(source, "corrupt or truncated PDF (cannot be opened)", t0)
+        yield _error(source, _pdf_open_failure(data, getattr(e, "err_code", None)), t0)
         return
     try:
         n = len(pdf)
@@ -211,11 +288,38 @@ def _expand_pdf(source: str, data: bytes, limits: DecodeLimits, t0: float) -> It
                 source, f"PDF has too many pages ({len(pages)} selected > max_pdf_pages={limits.max_pdf_pages})", t0
             )
             return
+        rendered = 0
         for number in pages:
+            if skip is not None and skip(number):
+                yield DecodedPage(source=source, page=number, skipped=True)
+                continue
+            if rendered and rendered % _REOPEN_EVERY == 0:
+                pdf.close()
+                pdf = _open_pdf(data)
             yield _render_page(source, pdf, number, limits, t0)
-            t0 = time.perf_counter()  # opening the document is charged to the first page
+            rendered += 1
+            t0 = time.perf_counter()  # opening the document is charged to the first rendered page
     finally:
         pdf.close()
+
+
+# The trailer (or cross-reference stream dictionary) of an encrypted PDF names its encryption dictionary.
+_ENCRYPT = re.compile(rb"/Encrypt\s*(?:\d+\s+\d+\s+R|<<)")
+
+
+def _pdf_open_failure(data: bytes, err_code: int | None) -> str:
+    """Why pdfium could not open `data`, from the file itself where pdfium's error code cannot be trusted.
+
+    pdfium sometimes fails without setting its error code, and pypdfium2 then reports the code left by
+    the previous failure in this process: a corrupt file read after an encrypted one would be "encrypted".
+    So "encrypted" needs an encryption dictionary in the file.
+    """
+    encrypted = _ENCRYPT.search(data) is not None
+    if encrypted and err_code == pdfium_c.FPDF_ERR_SECURITY:
+        return "PDF uses an unsupported security handler"
+    if encrypted:
+        return "PDF is encrypted (password required)"
+    return "corrupt or truncated PDF (cannot be opened)"
 
 
 def _render_page(source: str, pdf: pdfium.PdfDocument, number: int, limits: DecodeLimits, t0: float) -> DecodedPage:
@@ -228,7 +332,7 @@ def _render_page(source: str, pdf: pdfium.PdfDocument, number: int, limits: Deco
         scale = limits.pdf_longest_side / max(w_pt, h_pt)
         w_px, h_px = round(w_pt * scale), round(h_pt * scale)
         if w_px * h_px > limits.max_pixels:
-            return _error(source, f"page {number} too large to render ({w_px}x{h_px} > max_pixels)", t0, page=number)
+            return _error(source, f"page {number} too large to render ({w_px}x{h_px} = {w_px * h_px} pixels > max_pixels={limits.max_pixels})", t0, page=number)
         bitmap = page.render(scale=scale)
         img = bitmap.to_pil().convert("RGB")
         bitmap.close()

@@ -5,13 +5,31 @@ Credentials come from the options when given, else from the standard AWS chain
 reprs, logs or error messages.
 """
 
+import logging
 import os
+import random
+import time
+from collections.abc import Callable
 from functools import lru_cache
+from typing import TypeVar
 
 import boto3
 import pyarrow.fs as pafs
 from botocore.config import Config
+from botocore.exceptions import ClientError, HTTPClientError, IncompleteReadError
+from botocore.exceptions import ConnectionError as BotoConnectionError
 from pydantic import BaseModel, ConfigDict, SecretStr
+from urllib3.exceptions import HTTPError as URLLib3Error
+
+from connectors.redact import redact
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+# A whole read (request + body) is retried this often: botocore retries requests, not a body that breaks
+# after the headers (truncated, reset), and pyarrow/our code would otherwise see half an object.
+READ_ATTEMPTS = 6
+_BACKOFF_S = 0.2  # doubled per attempt, with jitter: 0.2, 0.4, ... 3.2 s, about 6 s in all
 
 
 class S3Options(BaseModel):
@@ -79,3 +97,55 @@ def arrow_s3_fs(opts: S3Options | None = None) -> pafs.S3FileSystem:
             session_token=_secret(opts.aws_session_token),
         )
     return pafs.S3FileSystem(**kwargs)
+
+
+def is_transient(e: BaseException) -> bool:
+    """A failure a second try may not see: the connection or the body broke, or S3 said 5xx / slow down."""
+    if isinstance(e, ClientError):
+        status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+        return status >= 500 or e.response.get("Error", {}).get("Code") in ("SlowDown", "Throttling", "RequestTimeout")
+    # Connection, timeout and broken-body errors; not NoCredentialsError, ParamValidationError and the like.
+    return isinstance(e, (HTTPClientError, BotoConnectionError, IncompleteReadError, URLLib3Error, ConnectionError,
+                          TimeoutError))
+
+
+def with_retries(what: str, fn: Callable[[], T], *, attempts: int = READ_ATTEMPTS) -> T:
+    """`fn()`, called again with backoff while it fails transiently; the last failure is raised as it is."""
+    for attempt in range(1, attempts + 1):
+        try:
+            return fn()
+        except Exception as e:  # noqa: BLE001 - filtered by is_transient, re-raised otherwise
+            if attempt == attempts or not is_transient(e):
+                raise
+            delay = _BACKOFF_S * 2 ** (attempt - 1) * (0.5 + random.random())
+            log.warning("%s", redact(f"{what}: attempt {attempt}/{attempts} failed ({type(e).__name__}: {e});"
+                                     f" retrying in {delay:.1f}s"))
+            time.sleep(delay)
+    raise AssertionError("unreachable")
+
+
+class ObjectTooBig(Exception):
+    def __init__(self, size: int) -> None:
+        super().__init__(size)
+        self.size = size
+
+
+def get_object_bytes(client, bucket: str, key: str, *, max_bytes: int | None = None) -> bytes:
+    """The whole object, re-requested while its body breaks; `ObjectTooBig` before reading past `max_bytes`.
+
+    The length is checked here because botocore checks it only for unbounded reads.
+    """
+
+    def once() -> bytes:
+        obj = client.get_object(Bucket=bucket, Key=key)
+        size = obj["ContentLength"]
+        if max_bytes is not None and size > max_bytes:
+            obj["Body"].close()
+            raise ObjectTooBig(size)
+        with obj["Body"] as body:
+            data = body.read()
+        if len(data) != size:
+            raise URLLib3Error(f"body ended after {len(data)} of {size} bytes")
+        return data
+
+    return with_retries(f"s3://{bucket}/{key}", once)

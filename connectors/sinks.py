@@ -4,14 +4,16 @@ All sinks upsert on `id` (last write wins) and answer `done_ids` for resume. A P
 appends part files (the newest part wins) until `compact()` drops the rows that newer parts supersede.
 """
 
+import hashlib
 import io
 import logging
 import os
 import re
 import sqlite3
+import tempfile
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Protocol
@@ -20,20 +22,25 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from botocore.exceptions import BotoCoreError, ClientError
+from urllib3.exceptions import HTTPError as URLLib3Error
 
 from connectors.errors import SinkError
 from connectors.redact import redact
 from connectors.rows import ROW_ARROW_SCHEMA, ROW_FIELDS, OutputRow
-from connectors.s3 import S3Options, s3_client, split_s3_url
+from connectors.s3 import READ_ATTEMPTS, S3Options, get_object_bytes, s3_client, split_s3_url, with_retries
 
 log = logging.getLogger(__name__)
 
 _TABLE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
+# The id suffix of a row for an input that could not be read (no content to hash). One input, one row:
+# once the input is read, its content rows replace that row (`write` in SQL, `compact` in Parquet).
+UNREADABLE_SUFFIX = ":unreadable"
 _DONE_COLUMNS = ["id", "status"]
 
 
 class Sink(Protocol):
     def done_ids(self, include_errors: bool = False) -> set[str]: ...
+    def done_id_chunks(self) -> Iterator[tuple[list[str] | pa.Array, list[str] | pa.Array]]: ...
     def write(self, rows: list[dict]) -> None: ...
     def close(self) -> None: ...
     def compact(self) -> int: ...
@@ -55,23 +62,32 @@ def _validated(rows: Iterable[dict | OutputRow]) -> list[dict]:
     return list(out.values())
 
 
-def _done(pairs: Iterable[tuple[str, str]], include_errors: bool) -> set[str]:
+def _done(chunks: Iterable[tuple[Iterable[str], Iterable[str]]], include_errors: bool) -> set[str]:
     latest: dict[str, str] = {}
-    for id_, status in pairs:
-        latest[id_] = status
+    for ids, statuses in chunks:
+        ids = ids.to_pylist() if isinstance(ids, (pa.Array, pa.ChunkedArray)) else ids
+        statuses = statuses.to_pylist() if isinstance(statuses, (pa.Array, pa.ChunkedArray)) else statuses
+        for id_, status in zip(ids, statuses):
+            latest[id_] = status
     return {i for i, s in latest.items() if include_errors or s == "ok"}
 
 
-def open_sink(dst: str, *, table: str = "pagemill_rows", s3: S3Options | None = None) -> "Sink":
+# Rows per chunk when a SQL sink streams its (id, status) pairs for resume.
+_DONE_CHUNK = 100_000
+
+
+def open_sink(dst: str, *, table: str = "pagemill_rows", s3: S3Options | None = None,
+              password_env: str | None = None) -> "Sink":
     """Open `dst`: `sqlite:///rel.db`, `sqlite:////abs.db`, `postgresql://…`, or a directory (local, `file://`, `s3://`).
 
-    `table` names the SQL table; a Parquet directory is the table itself and ignores it.
+    `table` names the SQL table; a Parquet directory is the table itself and ignores it. `password_env` names
+    the environment variable holding the PostgreSQL password (so it never appears in a process list).
     """
     validate_table_name(table)
     if dst.startswith("sqlite:"):
         return SqliteSink(dst, table)
     if dst.startswith(("postgresql://", "postgres://")):
-        return PostgresSink(dst, table)
+        return PostgresSink(dst, table, password_env=password_env)
     if dst.startswith("s3://"):
         return S3ParquetSink(dst, s3)
     path = dst[len("file://"):] if dst.startswith("file://") else dst
@@ -132,11 +148,13 @@ class _ParquetSink(_Closes):
     """
 
     def done_ids(self, include_errors: bool = False) -> set[str]:
-        pairs: list[tuple[str, str]] = []
+        return _done(self.done_id_chunks(), include_errors)
+
+    def done_id_chunks(self) -> Iterator[tuple[pa.Array, pa.Array]]:
+        """(ids, statuses) per part, oldest part first: a later row for an id supersedes an earlier one."""
         for part in self._parts():
             t = self._read(part, _DONE_COLUMNS)
-            pairs.extend(zip(t.column("id").to_pylist(), t.column("status").to_pylist()))
-        return _done(pairs, include_errors)
+            yield t.column("id"), t.column("status")
 
     def write(self, rows: list[dict]) -> None:
         rows = _validated(rows)
@@ -152,16 +170,53 @@ class _ParquetSink(_Closes):
         """
         newer: set[str] = set()
         changed = 0
+        with_unreadable = []
         for part in reversed(self._parts()):
             ids = self._read(part, ["id"]).column("id").to_pylist()
             if stale := newer.intersection(ids):
-                kept = _without(self._read(part), stale)
-                if kept.num_rows:
-                    self._put(part, kept)
-                else:
-                    self._delete(part)
-                changed += 1
+                changed += self._rewrite_without(part, stale)
             newer.update(ids)
+            if any(i.endswith(UNREADABLE_SUFFIX) for i in ids):
+                with_unreadable.append(part)
+        if with_unreadable:
+            changed += self._drop_unreadable_rows_of_read_inputs(with_unreadable)
+        return changed
+
+    def _rewrite_without(self, part, ids: set[str]) -> int:
+        kept = _without(self._read(part), ids)
+        if kept.num_rows:
+            self._put(part, kept)
+        else:
+            self._delete(part)
+        return 1
+
+    def _drop_unreadable_rows_of_read_inputs(self, candidates: list) -> int:
+        """An unreadable row whose input has content rows now (same `source`) is stale: drop it.
+
+        Rare (only outputs that hold unreadable rows pay for it): the unreadable rows' sources are few,
+        so the scan of every part's `source` column checks membership in that small set.
+        """
+        parts = self._parts()
+        present = set(parts)
+        candidates = [p for p in candidates if p in present]  # the loop above may have deleted some
+        unreadable: dict[str, set[str]] = {}  # source -> its unreadable ids
+        for part in candidates:
+            t = self._read(part, ["id", "source"])
+            mask = pc.ends_with(t.column("id"), UNREADABLE_SUFFIX)
+            for i, src in zip(pc.filter(t.column("id"), mask).to_pylist(), pc.filter(t.column("source"), mask).to_pylist()):
+                unreadable.setdefault(src, set()).add(i)
+        wanted = pa.array(list(unreadable), pa.string())
+        read_sources: set[str] = set()
+        for part in parts:
+            t = self._read(part, ["id", "source"])
+            hit = pc.and_(pc.invert(pc.ends_with(t.column("id"), UNREADABLE_SUFFIX)),
+                          pc.is_in(t.column("source"), value_set=wanted))
+            read_sources.update(pc.filter(t.column("source"), hit).to_pylist())
+        drop = set().union(*(unreadable[s] for s in read_sources)) if read_sources else set()
+        changed = 0
+        for part in candidates if drop else []:
+            if drop.intersection(self._read(part, ["id"]).column("id").to_pylist()):
+                changed += self._rewrite_without(part, drop)
         return changed
 
     def close(self) -> None:
@@ -177,6 +232,11 @@ class LocalParquetSink(_ParquetSink):
             self.root.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise SinkError(f"{root}: cannot create output directory: {e.strerror or e}") from None
+        try:  # an existing output we may not write to: say so now, not after the first batch is generated
+            with tempfile.TemporaryFile(dir=self.root, prefix=".pagemill-probe-"):
+                pass
+        except OSError as e:
+            raise SinkError(f"{root}: output directory is not writable: {e.strerror or e}") from None
 
     def _parts(self) -> list[Path]:
         return sorted(p for p in self.root.iterdir() if p.is_file() and _is_part(p.name))
@@ -196,12 +256,20 @@ class LocalParquetSink(_ParquetSink):
                 fh.flush()
                 os.fsync(fh.fileno())
             os.replace(tmp, final)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
+        except BaseException as e:
+            try:
+                tmp.unlink(missing_ok=True)
+            except OSError:  # the directory that refused the write may refuse the cleanup too
+                pass
+            if isinstance(e, OSError):
+                raise SinkError(f"{self.root}: cannot write {final.name}: {e.strerror or e}") from None
             raise
 
     def _delete(self, part: Path) -> None:
-        part.unlink()
+        try:
+            part.unlink()
+        except OSError as e:
+            raise SinkError(f"{self.root}: cannot delete {part.name}: {e.strerror or e}") from None
 
 
 class S3ParquetSink(_ParquetSink):
@@ -214,25 +282,28 @@ class S3ParquetSink(_ParquetSink):
         self.client = s3_client(s3)
 
     def _parts(self) -> list[str]:
-        keys: list[str] = []
-        try:
+        def listing() -> list[str]:
+            keys: list[str] = []
             for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=self.prefix):
                 for obj in page.get("Contents", []):
                     rel = obj["Key"][len(self.prefix):]
                     if "/" not in rel and _is_part(rel):
                         keys.append(obj["Key"])
-        except (ClientError, BotoCoreError) as e:
+            return keys
+
+        try:
+            return sorted(with_retries(f"{self.url}: listing", listing))
+        except (ClientError, BotoCoreError, URLLib3Error, OSError) as e:
             raise SinkError(redact(f"{self.url}: cannot list output: {e}")) from None
-        return sorted(keys)
 
     def _new_part(self) -> str:
         return self.prefix + _part_name()
 
     def _read(self, key: str, columns: list[str] | None = None) -> pa.Table:
         try:
-            body = self.client.get_object(Bucket=self.bucket, Key=key)["Body"].read()
-        except (ClientError, BotoCoreError) as e:
-            raise SinkError(redact(f"s3://{self.bucket}/{key}: cannot read: {e}")) from None
+            body = get_object_bytes(self.client, self.bucket, key)
+        except (ClientError, BotoCoreError, URLLib3Error, OSError) as e:
+            raise SinkError(redact(f"s3://{self.bucket}/{key}: cannot read after {READ_ATTEMPTS} attempts: {e}")) from None
         return pq.read_table(io.BytesIO(body), columns=columns)
 
     def _put(self, key: str, table: pa.Table) -> None:
@@ -286,6 +357,8 @@ class SqliteSink(_Closes):
             self.conn.execute("PRAGMA synchronous=NORMAL")
             with self.conn:
                 self.conn.execute(f"CREATE TABLE IF NOT EXISTS {_sqlite_quote(table)} ({_column_defs(_sqlite_quote)})")
+                self.conn.execute(f"CREATE INDEX IF NOT EXISTS {_sqlite_quote(_unreadable_index(table))} ON "
+                                  f"{_sqlite_quote(table)} (source) WHERE {_UNREADABLE_SQL}")
         except (sqlite3.Error, OSError) as e:
             raise SinkError(redact(f"{dsn}: cannot open SQLite database: {e}")) from None
         cols = ", ".join(_sqlite_quote(c) for c in ROW_FIELDS)
@@ -296,21 +369,38 @@ class SqliteSink(_Closes):
         )
 
     def done_ids(self, include_errors: bool = False) -> set[str]:
-        q = f"SELECT id FROM {_sqlite_quote(self.table)}" + ("" if include_errors else " WHERE status = ?")
-        return {r[0] for r in self.conn.execute(q, () if include_errors else ("ok",))}
+        return _done(self.done_id_chunks(), include_errors)
+
+    def done_id_chunks(self) -> Iterator[tuple[list[str], list[str]]]:
+        cur = self.conn.execute(f"SELECT id, status FROM {_sqlite_quote(self.table)}")
+        while rows := cur.fetchmany(_DONE_CHUNK):
+            yield [r[0] for r in rows], [r[1] for r in rows]
 
     def write(self, rows: list[dict]) -> None:
         rows = _validated(rows)
         if not rows:
             return
+        read = sorted({r["source"] for r in rows if not r["id"].endswith(UNREADABLE_SUFFIX)})
         try:
             with self.conn:
                 self.conn.executemany(self._upsert, [tuple(r[c] for c in ROW_FIELDS) for r in rows])
+                for k in range(0, len(read), 500):  # this input was read: its unreadable row goes
+                    chunk = read[k:k + 500]
+                    self.conn.execute(f"DELETE FROM {_sqlite_quote(self.table)} WHERE {_UNREADABLE_SQL} AND source IN "
+                                      f"({', '.join('?' for _ in chunk)})", chunk)
         except sqlite3.Error as e:
             raise SinkError(redact(f"{self.dsn}: cannot write to table {self.table}: {e}")) from None
 
     def close(self) -> None:
         self.conn.close()
+
+
+_UNREADABLE_SQL = "id LIKE '%" + UNREADABLE_SUFFIX + "'"  # also the partial index's predicate, word for word
+
+
+def _unreadable_index(table: str) -> str:
+    """A name within PostgreSQL's 63 characters, unique per table."""
+    return f"{table[:36]}_unreadable_{hashlib.sha256(table.encode()).hexdigest()[:8]}"
 
 
 def _sqlite_path(dsn: str) -> str:
@@ -325,19 +415,46 @@ def _sqlite_path(dsn: str) -> str:
     return rest[1:]
 
 
-class PostgresSink(_Closes):
-    """PostgreSQL via psycopg 3; rows are upserted with a pipelined executemany in one transaction."""
+# A lost connection (server restart, failover, network) is re-established with backoff for this long,
+# then the batch is sent again (the upsert is idempotent); after that the job stops with a SinkError.
+PG_RECONNECT_S = 120.0
 
-    def __init__(self, dsn: str, table: str) -> None:
+
+def _pg_lock_key(table: str) -> int:
+    """A stable signed 64-bit advisory-lock key per table name (pg_advisory_xact_lock takes a bigint)."""
+    return int.from_bytes(hashlib.sha256(f"pagemill:create:{table}".encode()).digest()[:8], "big", signed=True)
+
+
+def _pg_password(password_env: str | None) -> dict[str, str]:
+    """The password from the environment variable the config names, never from the command line."""
+    if not password_env:
+        return {}  # libpq still reads PGPASSWORD, PGPASSFILE (~/.pgpass) and PGSERVICE / service= itself
+    value = os.environ.get(password_env)
+    if value is None:
+        raise SinkError(f"db_password_env names {password_env}, but that environment variable is not set")
+    return {"password": value}
+
+
+class PostgresSink(_Closes):
+    """PostgreSQL via psycopg 3; rows are upserted with a pipelined executemany in one transaction.
+
+    A batch whose connection breaks is sent again on a new connection (see PG_RECONNECT_S).
+    """
+
+    def __init__(self, dsn: str, table: str, *, password_env: str | None = None,
+                 reconnect_s: float = PG_RECONNECT_S) -> None:
         import psycopg
         from psycopg import sql
 
         self.name = redact(dsn)
         self.table = validate_table_name(table)
         self._errors = psycopg.Error
+        self._dsn = dsn
+        self._connect_kwargs = {"connect_timeout": 10} | _pg_password(password_env)
+        self.reconnect_s = reconnect_s
         ident = sql.Identifier(table)
         try:
-            self.conn = psycopg.connect(dsn, connect_timeout=10)
+            self.conn = psycopg.connect(dsn, **self._connect_kwargs)
         except psycopg.Error as e:
             raise SinkError(redact(f"{self.name}: cannot connect to PostgreSQL: {e}")) from None
         columns = sql.SQL(_column_defs(lambda c: sql.Identifier(c).as_string(self.conn)))
@@ -350,21 +467,82 @@ class PostgresSink(_Closes):
         )
         self._select_all = sql.SQL("SELECT id FROM {}").format(ident)
         self._select_ok = sql.SQL("SELECT id FROM {} WHERE status = %s").format(ident)
+        self._select_pairs = sql.SQL("SELECT id, status FROM {}").format(ident)
+        create = sql.SQL("CREATE TABLE IF NOT EXISTS {} ({})").format(ident, columns)
+        index = sql.SQL("CREATE INDEX IF NOT EXISTS {} ON {} (source) WHERE " + _UNREADABLE_SQL.replace("%", "%%")).format(
+            sql.Identifier(_unreadable_index(table)), ident)
+        self._drop_unreadable = sql.SQL(
+            "DELETE FROM {} WHERE " + _UNREADABLE_SQL.replace("%", "%%") + " AND source = ANY(%s)").format(ident)
+
+        def create_table(conn) -> None:
+            # CREATE TABLE IF NOT EXISTS is not atomic: two sessions creating the same new table race on
+            # the catalog (pg_type_typname_nsp_index). One transaction-scoped lock per table name orders them.
+            with conn.transaction():
+                conn.execute("SELECT pg_advisory_xact_lock(%s)", (_pg_lock_key(table),))
+                conn.execute(create)
+                conn.execute(index)
+
         try:
-            with self.conn.transaction():
-                self.conn.execute(sql.SQL("CREATE TABLE IF NOT EXISTS {} ({})").format(ident, columns))
-        except psycopg.Error as e:
+            self._with_reconnect(create_table)
+        except SinkError as e:
             self.conn.close()
-            raise SinkError(redact(f"{self.name}: cannot create table {table}: {e}")) from None
+            raise SinkError(f"{self.name}: cannot create table {table}: {e}") from None
+
+    def _with_reconnect(self, fn):
+        """`fn(conn)`, re-run on a new connection while the old one is broken, for at most `reconnect_s`."""
+        import psycopg
+
+        deadline = None
+        while True:
+            try:
+                return fn(self.conn)
+            except psycopg.Error as e:
+                if not (isinstance(e, psycopg.OperationalError) and (self.conn.broken or self.conn.closed)):
+                    raise SinkError(redact(str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__)) from None
+                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                if deadline is None:
+                    deadline = time.monotonic() + self.reconnect_s
+                    log.warning("%s", redact(f"{self.name}: connection lost ({first}); reconnecting"))
+                self._reconnect(deadline, first)
+
+    def _reconnect(self, deadline: float, cause: str) -> None:
+        import psycopg
+
+        delay = 0.2
+        while True:
+            try:
+                self.conn.close()
+                self.conn = psycopg.connect(self._dsn, **self._connect_kwargs)
+                return
+            except psycopg.Error as e:
+                if time.monotonic() + delay > deadline:
+                    last = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                    raise SinkError(redact(f"connection lost ({cause}) and not re-established within "
+                                           f"{self.reconnect_s:g}s: {last}")) from None
+                time.sleep(delay)
+                delay = min(delay * 2, 5.0)
 
     def done_ids(self, include_errors: bool = False) -> set[str]:
-        try:
-            with self.conn.transaction():
+        def select(conn) -> set[str]:
+            with conn.transaction():
                 if include_errors:
-                    cur = self.conn.execute(self._select_all)
+                    cur = conn.execute(self._select_all)
                 else:
-                    cur = self.conn.execute(self._select_ok, ("ok",))
+                    cur = conn.execute(self._select_ok, ("ok",))
                 return {r[0] for r in cur}
+
+        try:
+            return self._with_reconnect(select)
+        except SinkError as e:
+            raise SinkError(f"{self.name}: cannot read table {self.table}: {e}") from None
+
+    def done_id_chunks(self) -> Iterator[tuple[list[str], list[str]]]:
+        """All (id, status) pairs through a server-side cursor, so neither side holds the table at once."""
+        try:
+            with self.conn.transaction(), self.conn.cursor(name=f"pagemill_done_{uuid.uuid4().hex[:8]}") as cur:
+                cur.execute(self._select_pairs)
+                while rows := cur.fetchmany(_DONE_CHUNK):
+                    yield [r[0] for r in rows], [r[1] for r in rows]
         except self._errors as e:
             raise SinkError(redact(f"{self.name}: cannot read table {self.table}: {e}")) from None
 
@@ -372,11 +550,19 @@ class PostgresSink(_Closes):
         rows = _validated(rows)
         if not rows:
             return
+        values = [tuple(r[c] for c in ROW_FIELDS) for r in rows]
+        read = sorted({r["source"] for r in rows if not r["id"].endswith(UNREADABLE_SUFFIX)})
+
+        def upsert(conn) -> None:
+            with conn.transaction(), conn.cursor() as cur:
+                cur.executemany(self._upsert, values)
+                if read:  # these inputs were read: their unreadable rows go (one input, one row)
+                    cur.execute(self._drop_unreadable, (read,))
+
         try:
-            with self.conn.transaction(), self.conn.cursor() as cur:
-                cur.executemany(self._upsert, [tuple(r[c] for c in ROW_FIELDS) for r in rows])
-        except self._errors as e:
-            raise SinkError(redact(f"{self.name}: cannot write to table {self.table}: {e}")) from None
+            self._with_reconnect(upsert)
+        except SinkError as e:
+            raise SinkError(f"{self.name}: cannot write to table {self.table}: {e}") from None
 
     def close(self) -> None:
         self.conn.close()

@@ -16,11 +16,13 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from botocore.exceptions import BotoCoreError, ClientError
 from pydantic import Field, field_validator
+from urllib3.exceptions import HTTPError as URLLib3Error
 
 from connectors.errors import InputError
 from connectors.record import Record
 from connectors.redact import redact
-from connectors.s3 import S3Options, arrow_s3_fs, s3_client, split_s3_url
+from connectors.s3 import (READ_ATTEMPTS, ObjectTooBig, S3Options, arrow_s3_fs, get_object_bytes, is_transient,
+                           s3_client, split_s3_url)
 
 log = logging.getLogger(__name__)
 
@@ -260,10 +262,10 @@ def _read_s3(source: str, opts: SourceOptions) -> bytes:
     except ValueError as e:
         raise InputError(redact(str(e))) from None
     try:
-        obj = s3_client(opts).get_object(Bucket=bucket, Key=key)
-        _check_size(source, obj["ContentLength"], opts)
-        with obj["Body"] as body:
-            data = body.read(opts.max_bytes + 1)
+        data = get_object_bytes(s3_client(opts), bucket, key, max_bytes=opts.max_bytes)
+    except ObjectTooBig as e:
+        _check_size(source, e.size, opts)
+        raise
     except ClientError as e:
         code = e.response.get("Error", {}).get("Code", "")
         if code in ("NoSuchKey", "404", "NotFound"):
@@ -271,7 +273,8 @@ def _read_s3(source: str, opts: SourceOptions) -> bytes:
         if code in ("AccessDenied", "403"):
             raise InputError(f"{source}: access denied") from None
         raise InputError(redact(f"{source}: cannot read: {e}")) from None
-    except BotoCoreError as e:
-        raise InputError(redact(f"{source}: cannot read: {e}")) from None
+    except (BotoCoreError, URLLib3Error, OSError) as e:
+        tries = f" after {READ_ATTEMPTS} attempts" if is_transient(e) else ""
+        raise InputError(redact(f"{source}: cannot read{tries}: {e}")) from None
     _check_size(source, len(data), opts)
     return data

@@ -85,6 +85,7 @@ class JobConfig(BaseModel):
     s3_region: str | None = Field(None, description="S3 region; default from the AWS environment.")
     aws_access_key_id: SecretStr | None = Field(None, description="S3 access key id; prefer the standard AWS chain (env, profile, role).")
     aws_secret_access_key: SecretStr | None = Field(None, description="S3 secret key; prefer the standard AWS chain.")
+    db_password_env: str | None = Field(None, description="PostgreSQL sinks: name of the environment variable holding the password (keeps it out of the DSN and the process list; PGPASSWORD, ~/.pgpass and service files work too).")
 
     # --- resume and outputs -------------------------------------------------------------------
     retry_errors: bool = Field(False, description="On resume, reprocess items whose stored row has status error.")

@@ -7,7 +7,9 @@ the sink sees rows within one batch of their generation, which is what makes res
 
 from __future__ import annotations
 
+import logging
 import os
+import re
 import time
 import warnings
 from typing import Any
@@ -21,6 +23,7 @@ from pipeline.contact_sheet import ContactSheet
 from pipeline.generate import CRASH_ENV, Generate, batches_in_flight
 from pipeline.postprocess import postprocess
 from pipeline.preprocess import Preprocess, source_options
+from pipeline.resume import DoneSet, load_done_set
 from pipeline.summary import Summary, Tally, side_path
 
 
@@ -52,7 +55,7 @@ def _gpus_per_worker(config: JobConfig) -> float:
     return 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
 
 
-def build_dataset(config: JobConfig, model_path: str, done: frozenset[str]) -> Any:
+def build_dataset(config: JobConfig, model_path: str, done: DoneSet | frozenset[str]) -> Any:
     """The lazy Ray Data plan; nothing runs until the driver iterates it."""
     import ray
     from ray.data import TaskPoolStrategy
@@ -129,16 +132,17 @@ def run_job(config: JobConfig, *, quiet: bool = False) -> Summary:
     import ray
 
     model_path, smoke = resolve_model(config.model)
-    sink = open_sink(config.output, table=config.table, s3=s3_options(config))
+    sink = open_sink(config.output, table=config.table, s3=s3_options(config), password_env=config.db_password_env)
     sheet = None
     try:
-        done = frozenset(sink.done_ids(include_errors=not config.retry_errors))
+        done = load_done_set(sink, include_errors=not config.retry_errors)  # compact; shared once via Ray
         _init_ray(config)
         ds = build_dataset(config, model_path, done)
         if config.job == "catalog" and config.contact_sheet:
             sheet = ContactSheet(side_path(config, "contact_sheet.html"), config.contact_sheet_max)
         tally = Tally()
         t0 = time.perf_counter()
+        _hide_actor_death_tracebacks()
         try:
             for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
                 rows, thumbs = tally.add(batch)
@@ -147,8 +151,8 @@ def run_job(config: JobConfig, *, quiet: bool = False) -> Summary:
                 if sheet is not None:
                     for row, thumb in zip(rows, thumbs):
                         sheet.add(row, thumb)
-        except ray.exceptions.RayTaskError as e:
-            raise _unwrap(e) from None
+        except (ray.exceptions.RayTaskError, ray.exceptions.RayActorError) as e:
+            raise _unwrap(e, config) from None
         # Parquet: drop rows that this run's parts supersede (e.g. retried errors), one row per id.
         # Only after a complete run; a killed run's leftovers are dropped by the next run's compact.
         sink.compact()
@@ -164,12 +168,51 @@ def run_job(config: JobConfig, *, quiet: bool = False) -> Summary:
     return summary
 
 
-def _unwrap(e: Exception) -> Exception:
-    """A bad source raises InputError inside the read task; show the user that, not a Ray traceback."""
+def _unwrap(e: Exception, config: JobConfig | None = None) -> Exception:
+    """What the user should read instead of a Ray traceback: the bad source, or which actor died how often."""
+    import ray
+
     from connectors.errors import InputError
 
+    if isinstance(e, ray.exceptions.RayActorError):
+        return RuntimeError(_actor_death(e, config.max_actor_restarts if config else None))
     cause = getattr(e, "cause", None)
     if isinstance(cause, InputError):
         return InputError(str(cause))
     return RuntimeError(redact(f"pipeline failed: {type(cause or e).__name__}: {cause or e}"))
 
+
+class _HideActorDeath(logging.Filter):
+    """Ray Data logs an actor's death with its full traceback before raising it; we print one line instead.
+
+    `hide` is Ray Data's own switch: its console handler drops the record, its log file still gets it.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        import ray
+
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, ray.exceptions.RayActorError):
+            record.hide = True
+        return True
+
+
+def _hide_actor_death_tracebacks() -> None:
+    logger = logging.getLogger("ray.data._internal.execution.streaming_executor_state")
+    if not any(isinstance(f, _HideActorDeath) for f in logger.filters):
+        logger.addFilter(_HideActorDeath())
+
+
+def _actor_death(e: Exception, restarts: int | None) -> str:
+    """One line from Ray's multi-line ActorDiedError: which stage's actor, how often it died, and why."""
+    text = str(e)
+    fields = dict(re.findall(r"^\s*(class_name|pid): (.+)$", text, flags=re.MULTILINE))
+    cls = fields.get("class_name", "an actor")
+    stage = "a model actor" if "Generate" in cls else "a CPU (preprocessing) actor" if "Preprocess" in cls else "an actor"
+    reason = re.search(r"Worker exit detail: (.+?)(?:\.|$)", text, flags=re.MULTILINE)
+    why = reason.group(1) if reason else text.strip().splitlines()[0]
+    n = restarts + 1 if restarts is not None and restarts >= 0 else None
+    times = f"{n} time{'s' if n != 1 else ''}" if n else "repeatedly"
+    return redact(f"{stage} died more often than max_actor_restarts ({restarts}) allows: {cls}"
+                  f"{' pid ' + fields['pid'] if 'pid' in fields else ''} died {times} (last: {why}); "
+                  "the rows already written are kept, a re-run resumes after them")

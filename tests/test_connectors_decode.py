@@ -108,7 +108,8 @@ def test_truncated_png_and_jpeg():
 def test_zero_bytes_text_and_garbage():
     assert _one("/d/empty.png", b"").error == "/d/empty.png: file is empty (0 bytes)"
     assert "not an image or PDF" in _one("/d/notes.txt", b"hello world\n").error
-    assert "not an image or PDF" in _one("/d/x.png", b"\x89PNG\r\n\x1a\n" + b"\0" * 3).error
+    # A PNG signature with nothing after it claims to be a PNG: the reason says so.
+    assert "corrupt or unsupported PNG image" in _one("/d/x.png", b"\x89PNG\r\n\x1a\n" + b"\0" * 3).error
 
 
 def _png_header_only(w: int, h: int) -> bytes:
@@ -125,6 +126,38 @@ def test_decompression_bomb_is_refused_before_decoding():
     # Below Pillow's own limit but above ours: our check fires on the header alone.
     page = _one("big.png", _png_header_only(3000, 3000), max_pixels=1_000_000)
     assert "9000000 pixels > max_pixels=1000000" in page.error
+
+
+def test_pixel_limit_is_max_pixels_both_ways():
+    """Pillow's own limit (178,956,970 pixels) neither refuses what max_pixels allows nor shows up in errors."""
+    page = _one("bomb.png", _png_header_only(50000, 50000), max_pixels=40_000_000)
+    assert page.error == "bomb.png: image too large (50000x50000 = 2500000000 pixels > max_pixels=40000000)"
+    assert "178956970" not in page.error
+    # 225 M pixels: over Pillow's limit, under ours. The header-only file then fails for its real reason.
+    page = _one("big.png", _png_header_only(15000, 15000), max_pixels=300_000_000)
+    assert "too large" not in page.error and "truncated" in page.error
+
+
+def _tiff_with(mode: str, tag: int, value: int) -> bytes:
+    """A valid little-endian TIFF from Pillow with one SHORT tag of its first IFD rewritten."""
+    b = io.BytesIO()
+    Image.new(mode, (8, 8)).save(b, "TIFF")
+    t = bytearray(b.getvalue())
+    ifd = struct.unpack("<I", t[4:8])[0]
+    for i in range(struct.unpack("<H", t[ifd:ifd + 2])[0]):
+        entry = ifd + 2 + 12 * i
+        if struct.unpack("<H", t[entry:entry + 2])[0] == tag:
+            t[entry + 8:entry + 10] = struct.pack("<H", value)
+            return bytes(t)
+    raise AssertionError(f"tag {tag} not written by Pillow")
+
+
+def test_tiff_in_a_pixel_format_pillow_cannot_decode_says_so():
+    page = _one("/scans/half.tif", _tiff_with("F", 258, 16))  # 16-bit float samples
+    assert page.image is None and "not an image" not in page.error
+    assert page.error.startswith("/scans/half.tif: TIFF pixel format not supported (16-bit floating point grayscale")
+    page = _one("/scans/cmyk1.tif", _tiff_with("L", 262, 5))  # CMYK with one sample per pixel
+    assert "TIFF pixel format not supported (8-bit unsigned integer CMYK, 1 sample(s) per pixel)" in page.error
 
 
 def test_max_bytes():
@@ -252,6 +285,29 @@ def test_encrypted_pdf():
     assert page.error == "s3://b/x.pdf: PDF is encrypted (password required)"
 
 
+def _pdf_without_pages_tree() -> bytes:
+    """Well-formed syntax whose catalog has no /Pages: pdfium fails on it without setting its error code."""
+    objs = [b"<< /Type /Catalog >>", b"<< /Type /Pages /Kids [3 0 R] /Count 1 >>",
+            b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 100 100] >>"]
+    out, offsets = bytearray(b"%PDF-1.4\n"), []
+    for n, body in enumerate(objs, 1):
+        offsets.append(len(out))
+        out += b"%d 0 obj\n" % n + body + b"\nendobj\n"
+    xref = len(out)
+    out += b"xref\n0 4\n0000000000 65535 f \n" + b"".join(b"%010d 00000 n \n" % o for o in offsets)
+    out += b"trailer\n<< /Size 4 /Root 1 0 R >>\nstartxref\n%d\n%%%%EOF\n" % xref
+    return bytes(out)
+
+
+def test_corrupt_pdf_is_not_called_encrypted_whatever_was_read_before():
+    corrupt, encrypted = _pdf_without_pages_tree(), _encrypted_pdf()
+    expected = "c.pdf: corrupt or truncated PDF (cannot be opened)"
+    assert _one("c.pdf", corrupt).error == expected
+    assert _one("e.pdf", encrypted).error == "e.pdf: PDF is encrypted (password required)"
+    assert _one("c.pdf", corrupt).error == expected  # read right after an encrypted file, in the same process
+    assert _one("e.pdf", encrypted).error == "e.pdf: PDF is encrypted (password required)"
+
+
 def test_error_source_is_redacted():
     page = _one("https://u:hunter2@host/x.png", b"")
     assert "hunter2" not in page.error and "hunter2" not in page.source
@@ -275,3 +331,16 @@ def test_accepts_memoryview_and_numpy_bytes():
     data = _png(Image.new("L", (3, 2)))
     assert _one("m.png", memoryview(data)).image.size == (3, 2)
     assert _one("n.png", np.bytes_(data)).image.size == (3, 2)
+
+
+def test_long_pdf_reopened_between_pages_renders_every_page(monkeypatch):
+    """The document is reopened every _REOPEN_EVERY rendered pages (bounds pdfium's caches); nothing changes."""
+    import connectors.decode as decode
+
+    monkeypatch.setattr(decode, "_REOPEN_EVERY", 3)
+    sizes = [(100 + i, 200) for i in range(10)]
+    done = {4, 5}
+    pages = list(expand("long.pdf", _pdf(sizes), limits=DecodeLimits(pdf_longest_side=200), skip=done.__contains__))
+    assert [p.page for p in pages] == list(range(1, 11))
+    assert [p.page for p in pages if p.skipped] == [4, 5] and all(p.image is None for p in pages if p.skipped)
+    assert [p.image.size[0] for p in pages if not p.skipped] == [100 + i for i in range(10) if i + 1 not in done]

@@ -2,7 +2,12 @@
 
 import io
 import os
+import shutil
 import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
 import uuid
 from pathlib import Path
 
@@ -101,6 +106,26 @@ def test_s3_parquet(s3_endpoint):
     keys = [o["Key"] for o in client.list_objects_v2(Bucket="results")["Contents"]]
     assert sum(k.startswith("run1/part-") and k.endswith(".parquet") for k in keys) == 3
     assert open_sink("s3://results/run1").done_ids() == {"b", "c", "d"}
+
+
+def test_s3_parquet_reads_back_through_broken_bodies(s3_endpoint, monkeypatch):
+    """done_ids and compact read every part back; a truncated or reset body is read again, not fatal."""
+    from connectors.s3 import S3Options
+    from tests.faultproxy import S3FaultProxy, first_gets_fail
+
+    monkeypatch.setattr("connectors.s3._BACKOFF_S", 0.01, raising=False)
+    boto3.client("s3").create_bucket(Bucket="flaky")
+    sink = open_sink("s3://flaky/out/")
+    sink.write([row("a", "error"), row("b")])
+    sink.write([row("a"), row("c")])
+    with S3FaultProxy(s3_endpoint, first_gets_fail(2)) as proxy:
+        flaky = open_sink("s3://flaky/out/", s3=S3Options(endpoint_url=proxy.url))
+        assert flaky.done_ids() == {"a", "b", "c"}
+        assert flaky.compact() == 1
+        assert len(proxy.faults) == 4  # the first two reads of each of the two parts broke
+    t = pq.read_table(io.BytesIO(boto3.client("s3").get_object(
+        Bucket="flaky", Key=sink._parts()[0])["Body"].read()))
+    assert _ids_and_status(t) == [("b", "ok")]
 
 
 def _rerun_over_errors(open_out):
@@ -322,3 +347,181 @@ def test_bad_destinations(tmp_path):
     with pytest.raises(ValueError) as e:
         open_sink("ftp://user:pw@host/x")
     assert "pw" not in str(e.value).replace("***", "")
+
+
+def _as_nobody(code: str) -> subprocess.CompletedProcess:
+    """Run `code` as an unprivileged user: root writes anywhere, so a read-only output needs someone else."""
+    cmd = [sys.executable, "-c", code]
+    if os.geteuid() == 0:
+        cmd = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"] + cmd
+    return subprocess.run(cmd, cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=120)
+
+
+def test_read_only_parquet_output_is_one_clear_error_and_loses_nothing():
+    root = Path(tempfile.mkdtemp(prefix="pm-ro-"))
+    try:
+        root.chmod(0o755)
+        out = root / "out"
+        open_sink(str(out)).write([row("a")])
+        before = sorted(p.name for p in out.iterdir())
+        out.chmod(0o555)  # readable, not writable (also for root's files: nobody is not the owner)
+        # At open: the job stops before any work, naming the directory and the reason.
+        p = _as_nobody(f"from connectors.sinks import open_sink\nopen_sink({str(out)!r})")
+        assert p.returncode == 1 and p.stderr.strip().splitlines()[-1] == (
+            f"connectors.errors.SinkError: {out}: output directory is not writable: Permission denied")
+        # At write (the directory became read-only after the open): a SinkError, not an OSError from the cleanup.
+        code = (f"import os\nfrom connectors.sinks import LocalParquetSink\nfrom tests.test_connectors_sinks import row\n"
+                f"s = LocalParquetSink.__new__(LocalParquetSink)\nfrom pathlib import Path\ns.root = Path({str(out)!r})\n"
+                f"s.write([row('b')])")
+        p = _as_nobody(code)
+        last = p.stderr.strip().splitlines()[-1]
+        assert p.returncode == 1 and last.startswith(f"connectors.errors.SinkError: {out}: cannot write part-"), p.stderr
+        assert last.endswith(": Permission denied") and "During handling" not in p.stderr
+        assert sorted(p.name for p in out.iterdir()) == before  # nothing lost, nothing half-written
+        assert open_sink(str(root / "out")).done_ids() == {"a"}
+    finally:
+        (root / "out").chmod(0o755)
+        shutil.rmtree(root)
+
+
+def test_postgresql_concurrent_creation_of_one_new_table(pg_table):
+    """CREATE TABLE IF NOT EXISTS races in PostgreSQL (pg_type_typname_nsp_index); 40 opens at once must all work."""
+    import threading
+
+    n = 40
+    barrier = threading.Barrier(n)
+    errors: list[str] = []
+    sinks: list = []
+
+    def opener() -> None:
+        barrier.wait()
+        try:
+            sinks.append(open_sink(PG, table=pg_table))
+        except Exception as e:  # noqa: BLE001 - collected and asserted below
+            errors.append(str(e))
+
+    threads = [threading.Thread(target=opener) for _ in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for s in sinks:
+        s.close()
+    assert errors == [] and len(sinks) == n
+
+
+def test_postgresql_backend_terminated_mid_run_resends_the_batch(pg_table):
+    sink = open_sink(PG, table=pg_table)
+    sink.write([row("a")])
+    with psycopg.connect(PG, autocommit=True) as admin:  # what a restart or a DBA does to our session
+        admin.execute("SELECT pg_terminate_backend(%s)", (sink.conn.info.backend_pid,))
+    sink.write([row("b"), row("c")])  # "terminating connection due to administrator command" -> reconnect, re-send
+    assert sink.done_ids() == {"a", "b", "c"}
+    sink.close()
+
+
+def _pg_ready() -> bool:
+    return subprocess.run(["pg_isready", "-q", "-h", "127.0.0.1"]).returncode == 0
+
+
+def test_postgresql_server_restart_mid_run(pg_table):
+    """A real restart of the local cluster while batches are being written: no batch fails, none is lost."""
+    import threading
+
+    sink = open_sink(PG, table=pg_table)
+    sink.write([row("before")])
+    written: list[str] = []
+    failures: list[str] = []
+    stop = threading.Event()
+
+    def writer() -> None:
+        i = 0
+        while not stop.is_set():
+            try:
+                sink.write([row(f"r{i}")])
+                written.append(f"r{i}")
+            except Exception as e:  # noqa: BLE001
+                failures.append(str(e))
+                return
+            i += 1
+            time.sleep(0.02)
+
+    t = threading.Thread(target=writer)
+    t.start()
+    try:
+        version = sorted(os.listdir("/etc/postgresql"))[-1]
+        subprocess.run(["pg_ctlcluster", "--skip-systemctl-redirect", version, "main", "restart"], check=True,
+                       timeout=120, capture_output=True)
+    finally:
+        deadline = time.time() + 60
+        while not _pg_ready() and time.time() < deadline:
+            time.sleep(0.5)
+        n_at_restart = len(written)
+        while len(written) < n_at_restart + 5 and not failures and time.time() < deadline:
+            time.sleep(0.1)  # a few batches after the server came back
+        stop.set()
+        t.join(timeout=150)
+    assert failures == [] and len(written) > n_at_restart
+    assert sink.done_ids() == {"before", *written}
+    sink.close()
+
+
+def test_postgresql_gives_up_after_a_bounded_time_with_a_clear_error(pg_table):
+    from connectors.sinks import PostgresSink
+    from tests.faultproxy import TcpProxy
+
+    proxy = TcpProxy("127.0.0.1", 5432)
+    sink = PostgresSink(f"postgresql://postgres:pw-visible@127.0.0.1:{proxy.port}/test", pg_table, reconnect_s=1.5)
+    sink.write([row("a")])
+    proxy.down()  # the server went away and stays away
+    t0 = time.monotonic()
+    with pytest.raises(SinkError) as e:
+        sink.write([row("b")])
+    assert 1.0 < time.monotonic() - t0 < 15
+    msg = str(e.value)
+    assert msg.startswith(f"postgresql://postgres:***@127.0.0.1:{proxy.port}/test: cannot write to table {pg_table}: "
+                          "connection lost (") and "not re-established within 1.5s" in msg
+    assert "pw-visible" not in msg and "\n" not in msg
+    proxy.up()  # back again: the same sink carries on
+    sink.write([row("b")])
+    assert sink.done_ids() == {"a", "b"}
+    sink.close()
+    proxy.down()
+
+
+def test_postgresql_password_from_the_environment_not_the_command_line(pg_table, monkeypatch, tmp_path):
+    """db_password_env names a variable; libpq's own PGPASSWORD / PGPASSFILE keep working too."""
+    monkeypatch.setenv("PAGEMILL_TEST_PGPW", "from-named-var")
+    sink = open_sink(PG, table=pg_table, password_env="PAGEMILL_TEST_PGPW")
+    assert sink.conn.info.password == "from-named-var"
+    sink.close()
+    with pytest.raises(SinkError, match="db_password_env names PAGEMILL_TEST_UNSET, but that environment variable"):
+        open_sink(PG, table=pg_table, password_env="PAGEMILL_TEST_UNSET")
+    passfile = tmp_path / "pgpass"
+    passfile.write_text("127.0.0.1:5432:test:postgres:from-passfile\n")
+    passfile.chmod(0o600)
+    monkeypatch.setenv("PGPASSFILE", str(passfile))
+    sink = open_sink(PG, table=pg_table)
+    assert sink.conn.info.password == "from-passfile"
+    sink.close()
+
+
+def _unreadable_then_read(sink) -> None:
+    """Run 1 could not read /in/x (error row under its unreadable id); run 2 read it: 2 pages."""
+    sink.write([row("u" * 32 + ":unreadable", "error", source="/in/x", page=None),
+                row("v" * 32 + ":unreadable", "error", source="/in/still-missing", page=None), row("a")])
+    sink.write([row("c" * 32 + ":1", source="/in/x"), row("c" * 32 + ":2", source="/in/x", page=2)])
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "postgresql", "parquet"])
+def test_a_read_input_replaces_its_unreadable_row(kind, tmp_path, pg_table):
+    """One input, one row: content rows replace the input's unreadable error row (SQL at write, Parquet at compact)."""
+    dst = {"sqlite": f"sqlite:///{tmp_path}/u.db", "postgresql": PG, "parquet": str(tmp_path / "u")}[kind]
+    sink = open_sink(dst, table=pg_table)
+    _unreadable_then_read(sink)
+    sink.compact()
+    want = {"a", "c" * 32 + ":1", "c" * 32 + ":2", "v" * 32 + ":unreadable"}
+    assert sink.done_ids(include_errors=True) == want
+    sink.close()
+    if kind == "parquet":  # what any reader of the directory sees
+        assert sorted(pq.read_table(dst).column("id").to_pylist()) == sorted(want)

@@ -216,3 +216,25 @@ def test_parquet_null_bytes_cell_becomes_empty_data(tmp_path):
     _write_parquet(tmp_path / "n.parquet", pa.table({"bytes": pa.array([b"x", None], pa.binary())}))
     refs = list(list_inputs(str(tmp_path / "n.parquet")))
     assert [(r.data, r.size) for r in refs] == [(b"x", 1), (b"", 0)]
+
+
+def test_s3_read_survives_broken_bodies_through_a_fault_proxy(s3_endpoint, monkeypatch):
+    """Truncated and reset response bodies (after the headers, so botocore does not retry) are read again."""
+    from tests.faultproxy import S3FaultProxy, first_gets_fail
+
+    monkeypatch.setattr("connectors.s3._BACKOFF_S", 0.01, raising=False)
+    client = _bucket("flaky")
+    blobs = {f"in/{i}.png": os.urandom(50_000 + i) for i in range(4)}
+    for k, v in blobs.items():
+        client.put_object(Bucket="flaky", Key=k, Body=v)
+    with S3FaultProxy(s3_endpoint, first_gets_fail(2)) as proxy:
+        opts = SourceOptions(endpoint_url=proxy.url)
+        for k, v in blobs.items():
+            assert read_bytes(f"s3://flaky/{k}", options=opts) == v
+        assert sorted({kind for _, kind in proxy.faults}) == ["reset", "truncate"] and len(proxy.faults) == 8
+    # a body that always breaks: a clear one-line InputError after the bounded retries, no traceback text
+    with S3FaultProxy(s3_endpoint, first_gets_fail(100)) as proxy:
+        with pytest.raises(InputError) as e:
+            read_bytes("s3://flaky/in/0.png", options=SourceOptions(endpoint_url=proxy.url))
+        assert str(e.value).startswith("s3://flaky/in/0.png: cannot read after 6 attempts: ")
+        assert "\n" not in str(e.value) and proxy.counts["flaky/in/0.png"] == 6

@@ -172,3 +172,58 @@ def test_credentials_never_in_logs_rows_or_summaries(tmp_path, s3_endpoint):  # 
     for s in (password, secret, key_id):
         assert s not in everything, s
         assert s not in ray_logs, s
+
+
+def _descendants(root: int, needle: str) -> list[int]:
+    """Processes below `root` (its local Ray's raylet and workers) whose command line contains `needle`."""
+    parent: dict[int, int] = {}
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                parent[int(d.name)] = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+    found = []
+    for pid in parent:
+        p, depth = pid, 0
+        while p in parent and p != root and depth < 20:
+            p, depth = parent[p], depth + 1
+        if p == root and pid != root:
+            try:
+                cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            if needle in cmd:
+                found.append(pid)
+    return found
+
+
+def test_model_actor_restarts_exhausted_is_one_error_line_and_rows_are_kept(tmp_path):
+    """SIGKILL the model actor with max_actor_restarts 0: exit 1, one `pagemill digitize: error:` line, no traceback."""
+    src = tmp_path / "in"
+    src.mkdir()
+    for i in range(40):
+        (src / f"i{i:02d}.png").write_bytes(image_bytes(300 + i))
+    db = tmp_path / "rows.db"
+    args = [sys.executable, "-m", "jobs.digitize", "--input", str(src), "--output", f"sqlite:///{db}",
+            "--model", str(smoke_checkpoint()), "--max-new-tokens", "24", "--cpu-batch-size", "1",
+            "--model-batch-size", "1", "--max-actor-restarts", "0"]
+    proc = subprocess.Popen(args, cwd=REPO, env=job_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        deadline = time.time() + 240
+        while count_rows(db) == 0 and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.2)
+        victims = _descendants(proc.pid, "Generate")
+        assert victims, "no model actor process found"
+        for pid in victims:
+            os.kill(pid, signal.SIGKILL)
+        out, err = proc.communicate(timeout=240)
+    finally:
+        kill_group(proc)
+    landed = count_rows(db)
+    assert proc.returncode == 1, err[-3000:]
+    lines = [ln for ln in err.splitlines() if ln.startswith("pagemill digitize:")]
+    assert len(lines) == 1 and "Traceback" not in err, err[-3000:]
+    assert lines[0].startswith("pagemill digitize: error: a model actor died more often than max_actor_restarts (0)")
+    assert 0 < landed < 40 and len({r["id"] for r in read_rows(f"sqlite:///{db}")}) == landed

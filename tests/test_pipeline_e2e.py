@@ -243,3 +243,38 @@ def test_engine_rows_equal_static_batch_generate(ray_session, tmp_path):
                     assert (row["text"], row["generated_tokens"]) == (text, len(ids)), row["source"]
                     checked += 1
         assert checked == n
+
+
+def test_s3_faults_end_with_one_row_per_item(ray_session, tmp_path, s3_endpoint):  # noqa: F811
+    """S3 in and out through a loopback proxy that breaks response bodies: every read is retried, the job
+    completes, and an input that stayed unreadable keeps one error row until a --retry-errors run reads it."""
+    from tests.faultproxy import S3FaultProxy, first_gets_fail
+
+    s3 = boto3.client("s3", endpoint_url=s3_endpoint)
+    s3.create_bucket(Bucket="flaky")
+    for i in range(3):
+        s3.put_object(Bucket="flaky", Key=f"in/i{i}.png", Body=image_bytes(500 + i))
+    s3.put_object(Bucket="flaky", Key="in/doc.pdf", Body=pdf_bytes(2, "flaky"))
+    n = 3 + 2
+    dead = "flaky/in/i2.png"
+    # Run 1: the first two GETs of every object break (retried); i2.png breaks every time (an error row).
+    policy = first_gets_fail(2)
+    with S3FaultProxy(s3_endpoint, lambda m, k, nth: "truncate" if k == dead else policy(m, k, nth)) as proxy:
+        config = cfg("s3://flaky/in/", "s3://flaky/out/", s3_endpoint_url=proxy.url, s3_region="us-east-1",
+                     summary_path=str(tmp_path / "summary.json"),
+                     aws_access_key_id="testing", aws_secret_access_key="testing")
+        s1 = run_job(config)
+        assert (s1.items_ok, s1.items_failed) == (n - 1, 1)
+        assert proxy.counts[dead] == 6 and any(k.startswith("flaky/in/i0") for k, _ in proxy.faults)
+    # Run 2, plain: reading the output back breaks too (retried); the error row is kept and i2 is not read.
+    with S3FaultProxy(s3_endpoint, first_gets_fail(1)) as proxy:
+        s2 = run_job(config.model_copy(update={"s3_endpoint_url": proxy.url}))
+        assert (s2.items_ok, s2.items_failed, s2.items_skipped) == (0, 0, n)
+        assert proxy.counts[dead] == 0 and any(k.startswith("flaky/out/part-") for k, _ in proxy.faults)
+    # Run 3, --retry-errors, S3 healthy: i2 is read, and its content row replaces its unreadable row.
+    s3_ = run_job(config.model_copy(update={"s3_endpoint_url": s3_endpoint, "retry_errors": True}))
+    assert (s3_.items_ok, s3_.items_failed) == (1, 0)
+    rows = []
+    for key in sorted(o["Key"] for o in s3.list_objects_v2(Bucket="flaky", Prefix="out/part-")["Contents"]):
+        rows += pq.read_table(pa.BufferReader(s3.get_object(Bucket="flaky", Key=key)["Body"].read())).to_pylist()
+    assert len(rows) == n and len({r["id"] for r in rows}) == n and all(r["status"] == "ok" for r in rows)
