@@ -98,7 +98,7 @@ def build_dataset(config: JobConfig, model_path: str, done: DoneSet | frozenset[
     )
 
 
-def _model_stages(ds: Any, config: JobConfig, model_path: str, done: frozenset[str], restarts: dict) -> Any:
+def _model_stages(ds: Any, config: JobConfig, model_path: str, done: DoneSet | frozenset[str], restarts: dict) -> Any:
     from ray.data import ActorPoolStrategy
 
     ds = ds.map_batches(
