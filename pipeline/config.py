@@ -82,8 +82,12 @@ class JobConfig(BaseModel):
 
     # --- resume and outputs -------------------------------------------------------------------
     retry_errors: bool = Field(False, description="On resume, reprocess items whose stored row has status error.")
-    contact_sheet: bool = Field(True, description="catalog: write an HTML contact sheet beside the output.")
-    contact_sheet_max: int = Field(500, ge=0, description="catalog: at most this many thumbnails on the contact sheet.")
+    contact_sheet: bool = Field(True, description="Write an HTML QA contact sheet of the whole output beside it (catalog: on; digitize: when asked).")
+    contact_sheet_max: int = Field(500, ge=0, description="At most this many items on the contact sheet (errors first).")
+    markdown: str | None = Field(None, description="digitize: write one Markdown file per input document under this directory (local or s3://), at <path relative to the input root>.md.")
+    append: bool = Field(False, description="Write into an output that already holds rows of another job or config_hash (refused otherwise).")
+    parquet_part_mb: float = Field(32.0, gt=0, description="Parquet outputs: buffer rows into part files of about this many MB (or parquet_part_seconds, whichever first).")
+    parquet_part_seconds: float = Field(120.0, gt=0, description="Parquet outputs: write the buffered rows as a part after at most this many seconds.")
 
     @field_validator("table")
     @classmethod
@@ -117,6 +121,8 @@ class JobConfig(BaseModel):
             raise ValueError("num_model_workers_max must be >= num_model_workers_min")
         if self.prompt is not None and self.prompt.count("<image>") != 1:
             raise ValueError("prompt must contain exactly one <image> placeholder")
+        if self.markdown is not None and self.job != "digitize":
+            raise ValueError("markdown is a digitize option")
         return self
 
     # ------------------------------------------------------------------------------------------
@@ -159,27 +165,33 @@ def _describe(e: ValidationError, origin: str) -> str:
     return f"invalid configuration{origin}:\n" + "\n".join(lines)
 
 
-def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None) -> JobConfig:
-    """YAML file (optional) + overrides (CLI flags; None values mean "not given") -> validated JobConfig."""
+def load_config(path: str | Path | list[str | Path] | None, overrides: dict[str, Any] | None = None) -> JobConfig:
+    """YAML files (optional; later ones layered over earlier ones) + overrides (CLI flags; None values mean
+    "not given") -> validated JobConfig."""
     data: dict[str, Any] = {}
-    origin = ""
-    if path is not None:
-        origin = f" (from {path} and flags)"
-        try:
-            text = Path(path).read_text()
-        except OSError as e:
-            raise ConfigError(f"cannot read config file {path}: {e.strerror or e}") from None
-        try:
-            loaded = yaml.safe_load(text)
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
-        if loaded is None:
-            loaded = {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"config file {path} must be a mapping of option: value")
-        data.update(loaded)
+    paths = [] if path is None else list(path) if isinstance(path, list) else [path]
+    origin = f" (from {', '.join(map(str, paths))} and flags)" if paths else ""
+    for path in paths:
+        data.update(read_yaml(path))
     data.update({k: v for k, v in (overrides or {}).items() if v is not None})
     try:
         return JobConfig.model_validate(data)
     except ValidationError as e:
         raise ConfigError(_describe(e, origin)) from None
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """One flat YAML config file as a dict; a missing, unreadable or non-mapping file is a ConfigError."""
+    try:
+        text = Path(path).read_text()
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {path}: {e.strerror or e}") from None
+    try:
+        loaded = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+    if loaded is None:
+        loaded = {}
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"config file {path} must be a mapping of option: value")
+    return loaded

@@ -112,6 +112,7 @@ class Generate:
         out = {k: v for k, v in batch.items() if k != "prep"}  # the tensors are spent; do not ship them on
         out.update(status=status, error=error, text=text, generated_tokens=gen_tokens, generate_ms=gen_ms,
                    model_revision=np.array([self.revision] * n, dtype=object))
+        out["finish_reason"] = finish_reasons(status, gen_tokens, self.gen_kwargs["max_new_tokens"])
         return out
 
     def _generate(self, blobs: list[bytes]) -> list[tuple[str, int, float]]:
@@ -136,3 +137,9 @@ class Generate:
         if marker and not os.path.exists(marker):
             Path(marker).write_text(json.dumps({"pid": os.getpid()}))
             os._exit(1)
+
+
+def finish_reasons(status: np.ndarray, generated: np.ndarray, max_new_tokens: int) -> np.ndarray:
+    """Why each row stopped: error (no output), length (ran into max_new_tokens), else eos."""
+    return np.array(["error" if st != "ok" else "length" if g >= max_new_tokens else "eos"
+                     for st, g in zip(status, generated)], dtype=object)

@@ -1,0 +1,150 @@
+"""One Markdown file per input document (digitize `--markdown DIR`, and `pagemill export`).
+
+Users think in documents, the pipeline in pages: this turns the rows of a document (in page order,
+whichever run wrote them) into `DIR/<input path relative to the input root>.md`, written atomically.
+An image is written as soon as its row arrives; a PDF when the run has been through the whole
+listing, from the sink, so pages written by earlier runs (resume) are part of it.
+"""
+
+from __future__ import annotations
+
+import glob as _glob
+import os
+import posixpath
+from collections import defaultdict
+from collections.abc import Iterable
+from pathlib import Path
+
+from connectors.redact import redact
+from connectors.s3 import S3Options, s3_client, split_s3_url
+
+_GLOB = set("*?[")
+COLUMNS = ["source", "page", "status", "error", "text"]
+
+
+def input_root(spec: str) -> str:
+    """The folder or prefix that sources are named relative to: a folder itself, a glob's fixed part, a file's folder."""
+    spec = spec.removeprefix("file://")
+    if spec.startswith("s3://"):
+        if _GLOB & set(spec):
+            spec = spec[: min(spec.index(c) for c in _GLOB if c in spec)]
+        if spec.endswith("/"):
+            return spec
+        return spec + "/" if "/" not in spec[len("s3://"):] else spec.rsplit("/", 1)[0] + "/"
+    if _GLOB & set(spec):
+        spec = os.path.dirname(spec[: min(spec.index(c) for c in _GLOB if c in spec)] + "x")
+    path = os.path.abspath(spec)
+    return path if os.path.isdir(path) else os.path.dirname(path)
+
+
+def common_root(sources: Iterable[str]) -> str:
+    """For an export without --input: the deepest folder/prefix holding every source."""
+    srcs = list(sources)
+    if not srcs:
+        return ""
+    parents = [s.rsplit("/", 1)[0] if "/" in s else "" for s in srcs]
+    root = posixpath.commonpath(parents) if all(p.startswith("/") for p in parents) else os.path.commonprefix(parents)
+    return root.rstrip("/") + "/" if root.startswith("s3://") else root
+
+
+def relative_name(source: str, root: str) -> str:
+    """`source` relative to `root`, made safe as a relative path (no `..`, no leading `/`, no scheme)."""
+    r = root.rstrip("/")
+    rel = source[len(r):] if r and source.startswith(r + "/") else source.split("://", 1)[-1]
+    parts = [p if p not in ("", ".", "..") else "_" for p in rel.replace("\\", "/").strip("/").split("/")]
+    return "/".join(parts) or "_"
+
+
+def _comment(text: str) -> str:
+    return text.replace("--", "- -").replace("\n", " ")
+
+
+def render(rows: list[dict]) -> str:
+    """A document's rows -> Markdown: pages in order, each under a separator naming its number."""
+    rows = sorted(rows, key=lambda r: (r.get("page") is not None, r.get("page") or 0))
+    pdf = any(r.get("page") is not None for r in rows)
+    chunks = []
+    for r in rows:
+        body = (r.get("text") or "").strip() if r["status"] == "ok" else \
+            f"<!-- error: {_comment(r.get('error') or 'failed')} -->"
+        if pdf and r.get("page") is not None:
+            sep = "" if not chunks else "\n\n---\n\n"
+            chunks.append(f"{sep}<!-- page {r['page']} -->\n\n{body}")
+        else:
+            chunks.append(body)
+    return "".join(chunks).rstrip() + "\n"
+
+
+class MarkdownWriter:
+    """Collects rows as they stream past; `finish(sink)` completes the PDFs (and any document without a file)."""
+
+    def __init__(self, dest: str, root: str, s3: S3Options | None = None) -> None:
+        self.dest = dest.rstrip("/")
+        self.root = root
+        self.s3 = s3
+        self.touched: set[str] = set()  # PDFs with a row in this run
+        self.written = 0
+        self._written: set[str] = set()
+        self._client = None
+
+    def add(self, rows: Iterable[dict]) -> None:
+        for row in rows:
+            if row.get("page") is None:  # an image (or an input that failed as a whole): complete on its own
+                self._write(row["source"], [row])
+            else:
+                self.touched.add(row["source"])
+
+    def finish(self, sink: object, *, everything: bool = False) -> int:
+        """Write every touched PDF and every document of the output that has no file yet (or all: export)."""
+        from connectors.scan import iter_rows
+
+        existing = set() if everything else self._existing()
+        docs: dict[str, list[dict]] = defaultdict(list)
+        for row in iter_rows(sink, COLUMNS):
+            src = row["source"]
+            if src in self._written:
+                continue
+            if everything or src in self.touched or self._key(src) not in existing:
+                docs[src].append(row)
+        for src, rows in docs.items():
+            self._write(src, rows)
+        return self.written
+
+    # ------------------------------------------------------------------ storage
+
+    def _key(self, source: str) -> str:
+        return relative_name(source, self.root) + ".md"
+
+    def _write(self, source: str, rows: list[dict]) -> None:
+        key, text = self._key(source), render(rows)
+        if self.dest.startswith("s3://"):
+            bucket, prefix = split_s3_url(self.dest)
+            self._s3().put_object(Bucket=bucket, Key=(prefix + "/" if prefix else "") + key, Body=text.encode(),
+                                  ContentType="text/markdown; charset=utf-8")  # one PUT: atomic
+        else:
+            final = Path(self.dest) / key
+            final.parent.mkdir(parents=True, exist_ok=True)
+            tmp = final.with_name("." + final.name + ".tmp")
+            tmp.write_text(text, encoding="utf-8")
+            os.replace(tmp, final)
+        self._written.add(source)
+        self.written += 1
+
+    def _existing(self) -> set[str]:
+        if self.dest.startswith("s3://"):
+            bucket, prefix = split_s3_url(self.dest)
+            prefix = prefix + "/" if prefix else ""
+            keys = set()
+            for page in self._s3().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+                keys.update(o["Key"][len(prefix):] for o in page.get("Contents", []))
+            return keys
+        root = Path(self.dest)
+        return {os.path.relpath(p, root) for p in _glob.glob(str(root / "**" / "*.md"), recursive=True)}
+
+    def _s3(self):
+        if self._client is None:
+            self._client = s3_client(self.s3)
+        return self._client
+
+    def __repr__(self) -> str:
+        return f"MarkdownWriter({redact(self.dest)!r})"
