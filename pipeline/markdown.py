@@ -148,3 +148,12 @@ class MarkdownWriter:
 
     def __repr__(self) -> str:
         return f"MarkdownWriter({redact(self.dest)!r})"
+
+
+def export_markdown(sink: object, dest: str, root: str | None = None, s3: S3Options | None = None) -> int:
+    """`pagemill export`: every document of an output as Markdown, without running the model."""
+    from connectors.scan import iter_rows
+
+    if root is None:
+        root = common_root({r["source"] for r in iter_rows(sink, ["source"])})
+    return MarkdownWriter(dest, root, s3).finish(sink, everything=True)

@@ -3,6 +3,7 @@ line (`pagemill <job>: error: ...`, exit 1) instead of a Ray traceback minutes l
 
 from __future__ import annotations
 
+import logging
 import uuid
 from itertools import islice
 from pathlib import Path
@@ -34,12 +35,17 @@ def check_input(config: JobConfig) -> None:
     from connectors.sources import list_inputs
     from pipeline.preprocess import source_options
 
+    quiet = logging.getLogger("connectors.sources")  # its "no inputs found" warning: said below, once
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
     try:
         first = list(islice(list_inputs(config.input, options=source_options(config)), 1))
     except InputError as e:
         raise PreflightError(redact(str(e))) from None
     except Exception as e:  # noqa: BLE001
         raise PreflightError(redact(f"input {config.input}: cannot list: {type(e).__name__}: {e}")) from None
+    finally:
+        quiet.setLevel(level)
     if not first:
         raise PreflightError(redact(f"input {config.input}: no inputs found (nothing with an image/PDF extension, "
                                     "and no Parquet rows)"))
