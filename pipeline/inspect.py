@@ -23,7 +23,7 @@ def inspect_output(sink: object, *, errors: int = 10) -> str:
                 latest = sorted(latest, key=lambda x: str(x.get("created_at")), reverse=True)[:errors]
     lines = [f"{total} row(s)"]
     for k, c in by.items():
-        lines.append(f"by {k}: " + (", ".join(f"{v} {n}" for v, n in c.most_common()) or "-"))
+        lines.append(f"by {k}: " + (", ".join(f"{n} {v}" for v, n in c.most_common()) or "-"))
     latest = sorted(latest, key=lambda x: str(x.get("created_at")), reverse=True)[:errors]
     if latest:
         lines.append(f"latest {len(latest)} error(s):")
