@@ -82,7 +82,7 @@ class JobConfig(BaseModel):
 
     # --- resume and outputs -------------------------------------------------------------------
     retry_errors: bool = Field(False, description="On resume, reprocess items whose stored row has status error.")
-    contact_sheet: bool = Field(True, description="Write an HTML QA contact sheet of the whole output beside it (catalog: on; digitize: when asked).")
+    contact_sheet: bool = Field(False, description="Write an HTML QA contact sheet of the whole output beside it (default: on for catalog, off for digitize).")
     contact_sheet_max: int = Field(500, ge=0, description="At most this many items on the contact sheet (errors first).")
     markdown: str | None = Field(None, description="digitize: write one Markdown file per input document under this directory (local or s3://), at <path relative to the input root>.md.")
     append: bool = Field(False, description="Write into an output that already holds rows of another job or config_hash (refused otherwise).")
@@ -114,6 +114,14 @@ class JobConfig(BaseModel):
         if not v.strip():
             raise ValueError("must not be empty")
         return v.strip()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _contact_sheet_default(cls, data: Any) -> Any:
+        # On for catalog (it is that job's QA page), off for digitize unless asked for.
+        if isinstance(data, dict) and data.get("contact_sheet") is None:
+            data = {**data, "contact_sheet": data.get("job", "digitize") == "catalog"}
+        return data
 
     @model_validator(mode="after")
     def _check(self) -> "JobConfig":
