@@ -36,7 +36,7 @@ class JobConfig(BaseModel):
     input: str = Field(..., description="Source: local folder (recursive), glob, s3://bucket/prefix, or a Parquet table (local or s3://) of image bytes or URIs.")
     output: str = Field(..., description="Sink: a directory (Parquet, local or s3://), sqlite:///path.db, or postgresql://... DSN.")
     table: str = Field("pagemill_rows", description="Table name for SQLite/PostgreSQL sinks (letters, digits, underscore).")
-    summary_path: str | None = Field(None, description="Where to write the run summary JSON; default beside the output (Parquet dir: _summary.json inside; SQLite: <db>.summary.json; otherwise ./<table>.summary.json).")
+    summary_path: str | None = Field(None, description="Where to write the run summary JSON; default beside the output (Parquet dir: DIR.summary.json; SQLite: <db>.summary.json; PostgreSQL/s3://: $PAGEMILL_CACHE/runs/).")
     limit: int | None = Field(None, gt=0, description="Process at most this many inputs (files / Parquet rows) from the source listing.")
 
     # --- model ------------------------------------------------------------------------------

@@ -65,6 +65,10 @@ def test_digitize_documents_across_runs_summary_duckdb_and_contact_sheet_in_a_br
     second = subprocess.run(args, cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=300)
     assert second.returncode == 0, second.stderr[-3000:]
     assert "Traceback" not in second.stderr and "please open an issue" not in second.stderr.lower()
+    console = first.stdout + first.stderr + second.stdout + second.stderr
+    for noise in ("Token authentication is enabled", "new progress UI", "Progress will be logged",
+                  "Started a local Ray", "logging_progress", "Starting execution of Dataset"):
+        assert noise not in console, noise
     doc = (md / "doc.pdf.md").read_text()
     assert [int(n) for n in re.findall(r"<!-- page (\d+) -->", doc)] == [1, 2, 3]
     assert (md / "sub" / "photo.png.md").is_file()

@@ -8,7 +8,7 @@ import json
 import subprocess
 import sys
 import uuid
-from datetime import datetime, timezone
+from datetime import datetime
 from pathlib import Path
 
 import duckdb
@@ -17,7 +17,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from connectors.rows import ROW_ARROW_SCHEMA
 from connectors.scan import iter_rows
 from connectors.sinks import open_sink
 from jobs.cli import build_parser, effective_defaults, parse_config
@@ -281,3 +280,28 @@ def test_console_script_version_and_one_line_errors(tmp_path):
     assert empty.returncode == 1 and "Traceback" not in empty.stderr
     assert empty.stderr.strip().splitlines()[-1].startswith("pagemill digitize: error: input ")
     assert len(empty.stderr.strip().splitlines()) == 1
+
+
+def test_progress_line_in_a_terminal_counts_the_listing():
+    import io
+    import time
+
+    from pipeline.progress import Progress
+
+    class Tty(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    out = Tty()
+    p = Progress("digitize", iter(range(40)), stream=out, every=0.0)
+    deadline = time.time() + 10
+    while p.listed != 40 and time.time() < deadline:  # counted by a background thread
+        time.sleep(0.01)
+    p.update(10, 12, 1)
+    p.close()
+    line = out.getvalue()
+    assert line.startswith("\rpagemill digitize: 10/40 items · ") and "pages/s · 1 error(s) · ETA 0:" in line
+    assert line.endswith("\n")
+    quiet = io.StringIO()  # not a terminal: nothing drawn
+    Progress("digitize", iter(range(3)), stream=quiet).update(1, 1, 0, force=True)
+    assert quiet.getvalue() == ""
