@@ -34,8 +34,35 @@ def iter_rows(sink: object, columns: list[str] | None = None) -> Iterator[dict]:
 
 
 def counts(sink: object, columns: list[str]) -> Counter:
-    """How many current rows have each combination of `columns` (tuples, in that order)."""
+    """How many current rows have each combination of `columns` (tuples, in that order).
+
+    SQL sinks count in the database (GROUP BY); a Parquet directory is read column-wise.
+    """
+    if isinstance(sink, SqliteSink):
+        q = _sqlite_quote
+        have = {r[1] for r in sink.conn.execute(f"PRAGMA table_info({q(sink.table)})")}
+        sel = ", ".join(q(c) if c in have else "NULL" for c in columns)
+        cur = sink.conn.execute(f"SELECT {sel}, COUNT(*) FROM {q(sink.table)} GROUP BY {sel}")
+        return Counter({tuple(r[:-1]): r[-1] for r in cur})
+    if isinstance(sink, PostgresSink):
+        from psycopg import sql
+
+        try:
+            with sink.conn.transaction():
+                have = _pg_columns(sink)
+                sel = sql.SQL(", ").join(sql.Identifier(c) if c in have else sql.SQL("NULL") for c in columns)
+                cur = sink.conn.execute(sql.SQL("SELECT {}, COUNT(*) FROM {} GROUP BY {}").format(
+                    sel, sql.Identifier(sink.table), sel))
+                return Counter({tuple(r[:-1]): r[-1] for r in cur})
+        except sink._errors as e:
+            raise SinkError(redact(f"{sink.name}: cannot read table {sink.table}: {e}")) from None
     return Counter(tuple(r.get(c) for c in columns) for r in iter_rows(sink, columns))
+
+
+def _pg_columns(sink: PostgresSink) -> set[str]:
+    return {r[0] for r in sink.conn.execute(
+        "SELECT column_name FROM information_schema.columns WHERE table_schema = current_schema()"
+        " AND table_name = %s", (sink.table,))}
 
 
 def _parquet_rows(sink: _ParquetSink, cols: list[str]) -> Iterator[dict]:
@@ -70,9 +97,7 @@ def _postgres_rows(sink: PostgresSink, cols: list[str]) -> Iterator[dict]:
 
     try:
         with sink.conn.transaction():
-            have = {r[0] for r in sink.conn.execute(
-                "SELECT column_name FROM information_schema.columns WHERE table_schema = current_schema()"
-                " AND table_name = %s", (sink.table,))}
+            have = _pg_columns(sink)
             sel = [c for c in cols if c in have]
             query = sql.SQL("SELECT {} FROM {}").format(
                 sql.SQL(", ").join(sql.Identifier(c) for c in sel), sql.Identifier(sink.table))

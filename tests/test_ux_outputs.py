@@ -26,6 +26,7 @@ from pipeline.inspect import inspect_output
 from pipeline.markdown import common_root, export_markdown, input_root, relative_name, render
 from pipeline.preflight import PreflightError, check_input, check_model, check_output_owner
 from pipeline.summary import side_path
+from tests.s3server import s3_endpoint  # noqa: F401 - fixture
 from tests.test_pipeline_support import smoke_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
@@ -305,3 +306,35 @@ def test_progress_line_in_a_terminal_counts_the_listing():
     quiet = io.StringIO()  # not a terminal: nothing drawn
     Progress("digitize", iter(range(3)), stream=quiet).update(1, 1, 0, force=True)
     assert quiet.getvalue() == ""
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "postgresql", "parquet"])
+def test_counts_by_job_and_config_in_every_sink(tmp_path, kind):
+    from connectors.scan import counts
+
+    table = "t_" + uuid.uuid4().hex[:12]
+    dst = {"sqlite": f"sqlite:///{tmp_path}/c.db", "postgresql": PG, "parquet": str(tmp_path / "pq")}[kind]
+    try:
+        with open_sink(dst, table=table) as sink:
+            sink.write([row("a"), row("b"), row("c", job="catalog", config_hash="h2")])
+            got = counts(sink, ["job", "config_hash"])
+        assert got == {("digitize", "h1"): 2, ("catalog", "h2"): 1}
+    finally:
+        if kind == "postgresql":
+            import psycopg
+
+            with psycopg.connect(PG, autocommit=True) as conn:
+                conn.execute(f"DROP TABLE IF EXISTS {table}")
+
+
+def test_markdown_to_s3(tmp_path, s3_endpoint):  # noqa: F811
+    import boto3
+
+    from connectors.s3 import S3Options
+
+    boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket="docs")
+    with open_sink(str(tmp_path / "o")) as sink:
+        sink.write([row("p1", page=1, source="/in/x/doc.pdf", text="one"), row("i", source="/in/a.png")])
+        assert export_markdown(sink, "s3://docs/md/", "/in", S3Options(endpoint_url=s3_endpoint)) == 2
+    body = boto3.client("s3", endpoint_url=s3_endpoint).get_object(Bucket="docs", Key="md/x/doc.pdf.md")["Body"]
+    assert "<!-- page 1 -->" in body.read().decode()
