@@ -1,8 +1,9 @@
 """What a user sees while a job runs: one compact pagemill progress line, not Ray's noise.
 
-Ray prints, on a healthy run, lines that read like errors to a user (token-auth notices, the progress-UI
-hint, per-operator progress logs). `quiet_ray_*` silence those on the console only (Ray's log files keep everything); `Progress` draws
-items done / listed, pages/s, errors and an ETA on stderr when it is a terminal.
+On a healthy run Ray prints lines that read like errors to a user (token-auth notices, the
+progress-UI hint, per-operator progress logs). `quiet_ray_init` / `quiet_ray_data` silence those on
+the console only (Ray's log files keep everything); `Progress` draws items done / listed, pages/s,
+errors and an ETA on stderr when it is a terminal.
 """
 
 from __future__ import annotations

@@ -137,7 +137,8 @@ def side_path(config: JobConfig, name: str, started_at: str | None = None) -> Pa
 
     Next to the output when it is a local file or directory (`<db>.name`, `<dir>.name`: never inside a
     Parquet directory, which holds nothing but Parquet); otherwise (PostgreSQL, s3://) in pagemill's own
-    runs folder (`$PAGEMILL_CACHE/runs/`), one file per run, never in the current directory.
+    runs folder (`$PAGEMILL_CACHE/runs/`, a summary per run, a contact sheet per output), never in the
+    current directory.
     """
     if name == "summary.json" and config.summary_path:
         return Path(config.summary_path)
@@ -149,7 +150,12 @@ def side_path(config: JobConfig, name: str, started_at: str | None = None) -> Pa
     elif "://" not in out or out.startswith("file://"):
         d = Path(out.removeprefix("file://").rstrip("/") or "/")
         return d.with_name(d.name + "." + name)
+    import hashlib
+
     from pipeline.checkpoint import cache_dir
 
-    stamp = (started_at or utc_now()).replace(":", "").replace("-", "").split("+")[0]
-    return cache_dir() / "runs" / f"{config.job}-{config.table}-{stamp}.{name}"
+    # One name per output (the contact sheet is rebuilt in place, keeping earlier thumbnails); a summary per run.
+    which = hashlib.sha256(f"{redact(out)}|{config.table}".encode()).hexdigest()[:8]
+    stamp = "" if name == "contact_sheet.html" else \
+        "-" + (started_at or utc_now()).replace(":", "").replace("-", "").split("+")[0]
+    return cache_dir() / "runs" / f"{config.job}-{config.table}-{which}{stamp}.{name}"
