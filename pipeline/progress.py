@@ -12,6 +12,7 @@ import logging
 import sys
 import threading
 import time
+import warnings
 from contextlib import contextmanager
 from itertools import islice
 from typing import Iterator, TextIO
@@ -41,7 +42,9 @@ def quiet_ray_data() -> None:
     from ray.util.debug import log_once
 
     ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = False  # replaced by our line; Ray would warn that it is off, once:
+    with warnings.catch_warnings():  # any DataContext assignment re-warns about Ray's own deprecated fields
+        warnings.simplefilter("ignore", DeprecationWarning)
+        ctx.enable_progress_bars = False  # replaced by our line; Ray would warn that it is off, once:
     log_once("ray_data_progress_manager_disabled")
     for h in logging.getLogger("ray.data").handlers:
         if not isinstance(h, logging.FileHandler):
