@@ -103,10 +103,14 @@ def check_output(sink: object, config: JobConfig) -> None:
         raise PreflightError(redact(f"output {out}: cannot read it: {e}")) from None
 
 
-def preflight(config: JobConfig, model_path: str, sink: object) -> None:
-    """Model, input, output, markdown folder: each failure is a PreflightError with one line."""
+def preflight_inputs(config: JobConfig, model_path: str) -> None:
+    """Model and input, before the output is even opened (a typo in --model creates nothing)."""
     check_model(model_path, config.model)
     check_input(config)
+
+
+def preflight_outputs(config: JobConfig, sink: object) -> None:
+    """The opened output and the markdown folder: each failure is a PreflightError with one line."""
     check_output(sink, config)
     if config.markdown:
         check_writable_dir(config.markdown, "markdown folder", config)

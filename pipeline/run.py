@@ -20,7 +20,7 @@ from pipeline.config import JobConfig
 from pipeline.generate import CRASH_ENV, Generate
 from pipeline.outputs import RunOutputs
 from pipeline.postprocess import postprocess
-from pipeline.preflight import preflight
+from pipeline.preflight import preflight_inputs, preflight_outputs
 from pipeline.preprocess import Preprocess, source_options
 from pipeline.progress import quiet_ray_data, quiet_ray_init
 from pipeline.summary import Summary, Tally, side_path, utc_now
@@ -128,11 +128,12 @@ def run_job(config: JobConfig, *, quiet: bool = False) -> Summary:
 
     started_at = utc_now()
     model_path, smoke = resolve_model(config.model)
+    preflight_inputs(config, model_path)  # before Ray starts: a bad model/input/output is one clear line
     sink = open_sink(config.output, table=config.table, s3=s3_options(config),
                      part_bytes=int(config.parquet_part_mb * 1024 * 1024), part_seconds=config.parquet_part_seconds)
     outputs = None
     try:
-        preflight(config, model_path, sink)  # before Ray starts: a bad model/input/output is one clear line
+        preflight_outputs(config, sink)
         done = frozenset(sink.done_ids(include_errors=not config.retry_errors))
         with quiet_ray_init():
             _init_ray(config)

@@ -274,6 +274,7 @@ def test_console_script_version_and_one_line_errors(tmp_path):
     assert bad.stderr.strip().splitlines() == [
         f"pagemill digitize: error: checkpoint '{tmp_path / 'no-model'}' not found: not an existing directory, "
         "a URL or an org/name hub id"]
+    assert not (tmp_path / "o").exists()  # refused before the output was even created
     (tmp_path / "empty").mkdir()
     empty = subprocess.run([sys.executable, "-m", "jobs.digitize", "--input", str(tmp_path / "empty"),
                             "--output", str(tmp_path / "o"), "--model", str(smoke_checkpoint())], cwd=REPO,
