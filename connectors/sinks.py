@@ -141,7 +141,7 @@ class _Closes:
 
 
 class _ParquetSink(_Closes):
-    """One part file per `write`; the newest part wins until `compact()` drops the rows it supersedes.
+    """Part files of buffered rows; the newest part wins until `compact()` drops the rows it supersedes.
 
     Subclasses say where parts live: `_parts` (oldest first), `_new_part`, `_read`, `_put` (atomic), `_delete`.
     Rows are buffered up to `part_bytes` / `part_seconds` so that a long job makes parts of a useful size.

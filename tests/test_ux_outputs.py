@@ -51,6 +51,8 @@ def test_parquet_types_and_duckdb_polars_read_the_directory(tmp_path):
         sink.write([row("c", page=2, source="/in/d.pdf", prompt_tokens=None)])
     (tmp_path / "out.summary.json").write_text("{}")  # what a run puts beside it, never inside
     assert sorted(p.name.split("-")[0] for p in out.iterdir()) == ["part", "part"]  # nothing but Parquet
+    (out / ".pagemill-tmp").mkdir()  # what a SIGKILL mid-write leaves: a temp file in the hidden subfolder
+    (out / ".pagemill-tmp" / "part-x.parquet.tmp").write_bytes(b"PAR1 half a file")
     schema = pq.read_schema(next(out.glob("*.parquet")))
     assert schema.field("created_at").type == pa.timestamp("us", tz="UTC")
     assert schema.field("page").type == pa.int64() and schema.field("generated_tokens").type == pa.int64()
