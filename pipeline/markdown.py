@@ -2,8 +2,10 @@
 
 Users think in documents, the pipeline in pages: this turns the rows of a document (in page order,
 whichever run wrote them) into `DIR/<input path relative to the input root>.md`, written atomically.
-An image is written as soon as its row arrives; a PDF when the run has been through the whole
-listing, from the sink, so pages written by earlier runs (resume) are part of it.
+An image is written as soon as its row arrives; a local PDF as soon as its last selected page has a
+row (its page count is read from the file); any other document (a PDF on S3 or in a Parquet table,
+or one with pages from an earlier run) once the run has been through the listing, from the sink, so
+pages written by earlier runs (resume) are part of it.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import glob as _glob
 import os
 import posixpath
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from connectors.redact import redact
@@ -75,29 +77,76 @@ def render(rows: list[dict]) -> str:
     return "".join(chunks).rstrip() + "\n"
 
 
-class MarkdownWriter:
-    """Collects rows as they stream past; `finish(sink)` completes the PDFs (and any document without a file)."""
+def local_pdf_pages(page_range: str | None, max_pdf_pages: int) -> Callable[[str], set[int] | None]:
+    """source -> the pages the pipeline makes rows for, for a local PDF (None: unknown, wait for the end)."""
+    from connectors.decode import DecodeLimits
 
-    def __init__(self, dest: str, root: str, s3: S3Options | None = None) -> None:
+    limits = DecodeLimits(page_range=page_range, max_pdf_pages=max_pdf_pages)
+
+    def pages(source: str) -> set[int] | None:
+        if not source.startswith("/") or not source.lower().endswith(".pdf"):
+            return None
+        try:
+            import pypdfium2 as pdfium
+
+            pdf = pdfium.PdfDocument(source)  # reads the cross-reference table, not the pages
+            try:
+                return set(limits.selected_pages(len(pdf))) or None
+            finally:
+                pdf.close()
+        except Exception:  # noqa: BLE001 - unreadable here: the pipeline's error row says why
+            return None
+
+    return pages
+
+
+class MarkdownWriter:
+    """Writes documents as their rows complete them; `finish(sink)` writes the rest from the whole output.
+
+    `expected(source)` gives a PDF's page numbers when they can be known up front; `prior` holds the
+    sources that already had rows before this run (their documents need the sink's rows).
+    """
+
+    def __init__(self, dest: str, root: str, s3: S3Options | None = None, *,
+                 expected: Callable[[str], set[int] | None] | None = None, prior: set[str] | None = None) -> None:
         self.dest = dest.rstrip("/")
         self.root = root
         self.s3 = s3
-        self.touched: set[str] = set()  # PDFs with a row in this run
+        self.expected = expected or (lambda source: None)
+        self.prior = prior or set()
+        self.touched: set[str] = set()  # documents with a row in this run, left for finish()
         self.written = 0
         self._written: set[str] = set()
+        self._pending: dict[str, dict[int, dict]] = {}  # PDF -> page -> row, until every expected page is in
+        self._expect: dict[str, set[int] | None] = {}
         self._client = None
 
     def add(self, rows: Iterable[dict]) -> None:
         for row in rows:
+            src = row["source"]
             if row.get("page") is None:  # an image (or an input that failed as a whole): complete on its own
-                self._write(row["source"], [row])
-            else:
-                self.touched.add(row["source"])
+                self._write(src, [row])
+                continue
+            if src in self.prior or src in self.touched:
+                self.touched.add(src)
+                continue
+            if src not in self._expect:
+                self._expect[src] = self.expected(src)
+            want = self._expect[src]
+            if want is None:
+                self.touched.add(src)
+                continue
+            pages = self._pending.setdefault(src, {})
+            pages[row["page"]] = row
+            if want <= set(pages):
+                self._write(src, list(self._pending.pop(src).values()))
 
     def finish(self, sink: object, *, everything: bool = False) -> int:
         """Write every touched PDF and every document of the output that has no file yet (or all: export)."""
         from connectors.scan import iter_rows
 
+        self.touched.update(self._pending)  # incomplete here (should not happen): the sink has the rest
+        self._pending.clear()
         existing = set() if everything else self._existing()
         docs: dict[str, list[dict]] = defaultdict(list)
         for row in iter_rows(sink, COLUMNS):

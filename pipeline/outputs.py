@@ -8,18 +8,24 @@ from typing import Any
 from connectors.redact import redact
 from pipeline.config import JobConfig
 from pipeline.contact_sheet import CARD_COLUMNS, SheetBuilder, SheetHeader
-from pipeline.markdown import MarkdownWriter, input_root
+from pipeline.markdown import MarkdownWriter, input_root, local_pdf_pages
 from pipeline.progress import Progress
 from pipeline.summary import Tally, side_path
 
 
 class RunOutputs:
-    def __init__(self, config: JobConfig, *, started_at: str, smoke: bool, listing: Any = None) -> None:
+    def __init__(self, config: JobConfig, sink: object, *, started_at: str, smoke: bool, listing: Any = None) -> None:
         from pipeline.run import s3_options
 
         self.config, self.started_at, self.smoke = config, started_at, smoke
-        self.markdown = MarkdownWriter(config.markdown, input_root(config.input), s3_options(config)) \
-            if config.markdown else None
+        self.markdown = None
+        if config.markdown:
+            from connectors.scan import iter_rows
+
+            prior = {r["source"] for r in iter_rows(sink, ["source"])}
+            self.markdown = MarkdownWriter(config.markdown, input_root(config.input), s3_options(config),
+                                           expected=local_pdf_pages(config.page_range, config.max_pdf_pages),
+                                           prior=prior)
         self.sheet = SheetBuilder(side_path(config, "contact_sheet.html", started_at), config.contact_sheet_max) \
             if config.contact_sheet else None
         self.progress = Progress(config.job, listing, limit=config.limit)

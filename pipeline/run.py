@@ -139,7 +139,7 @@ def run_job(config: JobConfig, *, quiet: bool = False) -> Summary:
             _init_ray(config)
         quiet_ray_data()
         ds = build_dataset(config, model_path, done)
-        outputs = RunOutputs(config, started_at=started_at, smoke=smoke, listing=_listing(config))
+        outputs = RunOutputs(config, sink, started_at=started_at, smoke=smoke, listing=_listing(config))
         tally = Tally()
         t0 = time.perf_counter()
         try:

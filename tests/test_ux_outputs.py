@@ -341,3 +341,21 @@ def test_markdown_to_s3(tmp_path, s3_endpoint):  # noqa: F811
         assert export_markdown(sink, "s3://docs/md/", "/in", S3Options(endpoint_url=s3_endpoint)) == 2
     body = boto3.client("s3", endpoint_url=s3_endpoint).get_object(Bucket="docs", Key="md/x/doc.pdf.md")["Body"]
     assert "<!-- page 1 -->" in body.read().decode()
+
+
+def test_a_local_pdf_is_written_as_soon_as_its_last_page_has_a_row(tmp_path):
+    from pipeline.markdown import MarkdownWriter, local_pdf_pages
+    from tests.test_pipeline_support import pdf_bytes
+
+    (tmp_path / "in").mkdir()
+    pdf = tmp_path / "in" / "doc.pdf"
+    pdf.write_bytes(pdf_bytes(3))
+    md = tmp_path / "md"
+    w = MarkdownWriter(str(md), str(tmp_path / "in"), expected=local_pdf_pages("2-", 1000),
+                       prior={"/elsewhere/old.pdf"})
+    w.add([row("p3", page=3, source=str(pdf), text="three")])
+    assert not (md / "doc.pdf.md").exists()  # page 2 is still missing
+    w.add([row("p2", page=2, source=str(pdf), text="two"), row("o1", page=1, source="/elsewhere/old.pdf")])
+    doc = (md / "doc.pdf.md").read_text()  # written before the run ends, pages 2-3 as selected
+    assert doc.index("<!-- page 2 -->") < doc.index("two") < doc.index("<!-- page 3 -->") < doc.index("three")
+    assert w.touched == {"/elsewhere/old.pdf"}  # a document with rows from an earlier run waits for the sink
