@@ -123,7 +123,7 @@ def _free_port() -> int:
 def test_readme_ray_job_submit_recipe_works_as_written(tmp_path):
     """The README's lines, run by bash as they stand, against the token-authenticated cluster they start.
 
-    Only what the README leaves to the environment differs: free ports (GCS_PORT, DASHBOARD_PORT), a
+    Only what the README leaves to the environment differs: free ports (GCS_PORT, DASHBOARD_PORT, AGENT_PORT), a
     private HOME (so the token is this test's) and RAY_TMPDIR (so no other Ray on this machine sees it).
     """
     readme = (REPO / "README.md").read_text()
@@ -133,7 +133,8 @@ def test_readme_ray_job_submit_recipe_works_as_written(tmp_path):
         leftover.unlink(missing_ok=True)
     home, ray_tmp = tmp_path / "home", Path(tempfile.mkdtemp(prefix="pmr", dir="/tmp"))  # short: unix sockets
     home.mkdir()
-    e = env(HOME=str(home), RAY_TMPDIR=str(ray_tmp), GCS_PORT=str(_free_port()), DASHBOARD_PORT=str(_free_port()))
+    e = env(HOME=str(home), RAY_TMPDIR=str(ray_tmp), GCS_PORT=str(_free_port()), DASHBOARD_PORT=str(_free_port()),
+            AGENT_PORT=str(_free_port()))
     e.pop("RAY_AUTH_MODE", None)
     e.pop("RAY_AUTH_TOKEN", None)
     proc = subprocess.Popen(["bash", "-euo", "pipefail", "-c", recipe], cwd=REPO, env=e, stdout=subprocess.PIPE,
