@@ -36,6 +36,8 @@ class OutputRow(BaseModel):
     generate_ms: float | None = None
     prompt_tokens: int | None = None
     generated_tokens: int | None = None
+    # Why generation stopped: eos (the model finished), length (hit max_new_tokens), error (no output).
+    finish_reason: Literal["eos", "length", "error"] | None = None
     created_at: str = Field(default_factory=lambda: utc_now_iso())
 
     @model_validator(mode="before")
@@ -53,7 +55,7 @@ class OutputRow(BaseModel):
         if v is None or v == "":
             return utc_now_iso()
         if isinstance(v, datetime):
-            return (v if v.tzinfo else v.replace(tzinfo=timezone.utc)).astimezone(timezone.utc).isoformat()
+            return _iso(v)
         if isinstance(v, str):
             datetime.fromisoformat(v)  # raises ValueError for non-ISO text
             return v
@@ -61,9 +63,15 @@ class OutputRow(BaseModel):
 
 
 _ARROW_TYPES = {str: pa.string(), int: pa.int64(), float: pa.float64()}
+# Stored typed so data tools need no parsing: a UTC timestamp (Parquet/Arrow; timestamptz in PostgreSQL).
+TIMESTAMP_FIELDS = frozenset({"created_at"})
+# JSON text in the row; jsonb in PostgreSQL.
+JSON_FIELDS = frozenset({"boxes_json", "items_json"})
 
 
 def _arrow_field(name: str) -> pa.Field:
+    if name in TIMESTAMP_FIELDS:
+        return pa.field(name, pa.timestamp("us", tz="UTC"), nullable=False)
     ann = OutputRow.model_fields[name].annotation
     all_args = getattr(ann, "__args__", (ann,))
     args = [a for a in all_args if a is not type(None)]
@@ -73,3 +81,28 @@ def _arrow_field(name: str) -> pa.Field:
 
 ROW_ARROW_SCHEMA: pa.Schema = pa.schema([_arrow_field(n) for n in OutputRow.model_fields])
 ROW_FIELDS: tuple[str, ...] = tuple(OutputRow.model_fields)
+
+
+def arrow_table(rows: list[dict]) -> pa.Table:
+    """Validated row dicts -> an Arrow table of ROW_ARROW_SCHEMA (ISO timestamps become real timestamps)."""
+    conv = [{**r, **{k: datetime.fromisoformat(r[k]) for k in TIMESTAMP_FIELDS if isinstance(r.get(k), str)}}
+            for r in rows]
+    return pa.Table.from_pylist(conv, schema=ROW_ARROW_SCHEMA)
+
+
+def plain_row(row: dict) -> dict:
+    """A row read back from any sink in the row-dict form: JSON columns as text, timestamps as ISO strings."""
+    import json
+
+    out = dict(row)
+    for k in TIMESTAMP_FIELDS:
+        if isinstance(out.get(k), datetime):
+            out[k] = _iso(out[k])
+    for k in JSON_FIELDS:
+        if out.get(k) is not None and not isinstance(out[k], str):
+            out[k] = json.dumps(out[k])
+    return out
+
+
+def _iso(v: datetime) -> str:
+    return (v if v.tzinfo else v.replace(tzinfo=timezone.utc)).astimezone(timezone.utc).isoformat()

@@ -26,7 +26,7 @@ from urllib3.exceptions import HTTPError as URLLib3Error
 
 from connectors.errors import SinkError
 from connectors.redact import redact
-from connectors.rows import ROW_ARROW_SCHEMA, ROW_FIELDS, OutputRow
+from connectors.rows import JSON_FIELDS, ROW_ARROW_SCHEMA, ROW_FIELDS, TIMESTAMP_FIELDS, OutputRow, arrow_table
 from connectors.s3 import READ_ATTEMPTS, S3Options, get_object_bytes, s3_client, split_s3_url, with_retries
 
 log = logging.getLogger(__name__)
@@ -77,12 +77,21 @@ _DONE_CHUNK = 100_000
 
 
 def open_sink(dst: str, *, table: str = "pagemill_rows", s3: S3Options | None = None,
-              password_env: str | None = None) -> "Sink":
+              password_env: str | None = None, part_bytes: int = 0, part_seconds: float = 0.0) -> "Sink":
     """Open `dst`: `sqlite:///rel.db`, `sqlite:////abs.db`, `postgresql://…`, or a directory (local, `file://`, `s3://`).
 
     `table` names the SQL table; a Parquet directory is the table itself and ignores it. `password_env` names
-    the environment variable holding the PostgreSQL password (so it never appears in a process list).
+    the environment variable holding the PostgreSQL password (so it never appears in a process list). Parquet rows
+    are buffered into one part of about `part_bytes` (or `part_seconds` old, whichever first; 0 = a
+    part per write); `close()` and `compact()` write what is buffered.
     """
+    sink = _open(dst, table, s3, password_env)
+    if isinstance(sink, _ParquetSink):
+        sink.part_bytes, sink.part_seconds = part_bytes, part_seconds
+    return sink
+
+
+def _open(dst: str, table: str, s3: S3Options | None, password_env: str | None) -> "Sink":
     validate_table_name(table)
     if dst.startswith("sqlite:"):
         return SqliteSink(dst, table)
@@ -113,7 +122,12 @@ def _part_name() -> str:
 
 
 def _table(rows: list[dict]) -> pa.Table:
-    return pa.Table.from_pylist(rows, schema=ROW_ARROW_SCHEMA)
+    return arrow_table(rows)
+
+
+def _approx_bytes(row: dict) -> int:
+    """Cheap size of a row in a part (Parquet compresses text, so parts end up at most this big)."""
+    return 64 + sum(len(v) if isinstance(v, str) else 8 for v in row.values() if v is not None)
 
 
 def _is_part(name: str) -> bool:
@@ -142,10 +156,17 @@ class _Closes:
 
 
 class _ParquetSink(_Closes):
-    """One part file per `write`; the newest part wins until `compact()` drops the rows it supersedes.
+    """Part files of buffered rows; the newest part wins until `compact()` drops the rows it supersedes.
 
     Subclasses say where parts live: `_parts` (oldest first), `_new_part`, `_read`, `_put` (atomic), `_delete`.
+    Rows are buffered up to `part_bytes` / `part_seconds` so that a long job makes parts of a useful size.
     """
+
+    part_bytes: int = 0
+    part_seconds: float = 0.0
+    _buffer: list[dict] | None = None
+    _buffer_bytes: int = 0
+    _buffer_since: float = 0.0
 
     def done_ids(self, include_errors: bool = False) -> set[str]:
         return _done(self.done_id_chunks(), include_errors)
@@ -155,11 +176,25 @@ class _ParquetSink(_Closes):
         for part in self._parts():
             t = self._read(part, _DONE_COLUMNS)
             yield t.column("id"), t.column("status")
+        if self._buffer:  # rows not yet flushed into a part are the newest
+            yield [r["id"] for r in self._buffer], [r["status"] for r in self._buffer]
 
     def write(self, rows: list[dict]) -> None:
         rows = _validated(rows)
-        if rows:
-            self._put(self._new_part(), _table(rows))
+        if not rows:
+            return
+        if self._buffer is None:
+            self._buffer, self._buffer_bytes, self._buffer_since = [], 0, time.monotonic()
+        self._buffer.extend(rows)
+        self._buffer_bytes += sum(_approx_bytes(r) for r in rows)
+        if self._buffer_bytes >= self.part_bytes or time.monotonic() - self._buffer_since >= self.part_seconds:
+            self.flush()
+
+    def flush(self) -> None:
+        """Write the buffered rows as one part (the last row per id wins, as in the upsert)."""
+        rows, self._buffer, self._buffer_bytes = self._buffer, None, 0
+        if rows:  # taken first: a failed write raises to the caller, it is not retried with the next batch
+            self._put(self._new_part(), _table(_validated(rows)))
 
     def compact(self) -> int:
         """Leave one row per id (the newest) by rewriting older parts in place; return how many changed.
@@ -168,6 +203,7 @@ class _ParquetSink(_Closes):
         Only rows a newer part supersedes are dropped and each rewrite replaces its part atomically, so a
         crash at any point loses nothing, "newest part wins" keeps reading right, and a second call finishes.
         """
+        self.flush()
         newer: set[str] = set()
         changed = 0
         with_unreadable = []
@@ -220,11 +256,14 @@ class _ParquetSink(_Closes):
         return changed
 
     def close(self) -> None:
-        pass
+        self.flush()
+
+
+TMP_DIR = ".pagemill-tmp"
 
 
 class LocalParquetSink(_ParquetSink):
-    """Each part is written as a dot-prefixed `.tmp` and renamed, so readers never see half a file."""
+    """Each part is written as a `.tmp` in a hidden subfolder and renamed, so readers never see half a file."""
 
     def __init__(self, root: str) -> None:
         self.root = Path(root)
@@ -248,8 +287,10 @@ class LocalParquetSink(_ParquetSink):
         return pq.read_table(part, columns=columns)
 
     def _put(self, final: Path, table: pa.Table) -> None:
-        # Dot-prefixed: Arrow, Spark and our done_ids all skip hidden files, so a crash leaves nothing visible.
-        tmp = final.with_name("." + final.name + ".tmp")
+        # In a hidden subfolder: no glob a data tool uses (DIR/*, DIR/**/*.parquet) and no Arrow/Spark
+        # listing finds it, so a crash mid-write leaves nothing but Parquet where readers look.
+        tmp = self.root / TMP_DIR / (final.name + ".tmp")
+        tmp.parent.mkdir(exist_ok=True)
         try:
             with open(tmp, "wb") as fh:
                 pq.write_table(table, fh)
@@ -264,6 +305,11 @@ class LocalParquetSink(_ParquetSink):
             if isinstance(e, OSError):
                 raise SinkError(f"{self.root}: cannot write {final.name}: {e.strerror or e}") from None
             raise
+        finally:
+            try:
+                tmp.parent.rmdir()  # only when empty: a concurrent writer's temp file stays
+            except OSError:
+                pass
 
     def _delete(self, part: Path) -> None:
         try:
@@ -325,15 +371,26 @@ class S3ParquetSink(_ParquetSink):
 
 
 _SQL_TYPES = {"string": "TEXT", "int64": "BIGINT", "double": "DOUBLE PRECISION"}
+# PostgreSQL stores timestamps and JSON typed; SQLite has no such types (ISO text, JSON text).
+_PG_TYPES = {**{k: "TIMESTAMPTZ" for k in TIMESTAMP_FIELDS}, **{k: "JSONB" for k in JSON_FIELDS}}
 
 
-def _column_defs(quote) -> str:
+def _sql_type(f: pa.Field, overrides: dict[str, str]) -> str:
+    return overrides.get(f.name) or _SQL_TYPES.get(str(f.type), "TEXT")
+
+
+def _column_defs(quote, overrides: dict[str, str] | None = None) -> str:
     defs = []
     for f in ROW_ARROW_SCHEMA:
-        sql_type = _SQL_TYPES[str(f.type)]
+        sql_type = _sql_type(f, overrides or {})
         null = "" if f.nullable else " NOT NULL"
         defs.append(f"{quote(f.name)} {sql_type}{null}" + (" PRIMARY KEY" if f.name == "id" else ""))
     return ", ".join(defs)
+
+
+def _missing_columns(have: set[str], overrides: dict[str, str] | None = None) -> list[tuple[str, str]]:
+    """Nullable columns a table made by an older version lacks (added with ALTER TABLE, never dropped)."""
+    return [(f.name, _sql_type(f, overrides or {})) for f in ROW_ARROW_SCHEMA if f.name not in have and f.nullable]
 
 
 def _sqlite_quote(name: str) -> str:
@@ -357,6 +414,9 @@ class SqliteSink(_Closes):
             self.conn.execute("PRAGMA synchronous=NORMAL")
             with self.conn:
                 self.conn.execute(f"CREATE TABLE IF NOT EXISTS {_sqlite_quote(table)} ({_column_defs(_sqlite_quote)})")
+                have = {r[1] for r in self.conn.execute(f"PRAGMA table_info({_sqlite_quote(table)})")}
+                for name, typ in _missing_columns(have):
+                    self.conn.execute(f"ALTER TABLE {_sqlite_quote(table)} ADD COLUMN {_sqlite_quote(name)} {typ}")
                 self.conn.execute(f"CREATE INDEX IF NOT EXISTS {_sqlite_quote(_unreadable_index(table))} ON "
                                   f"{_sqlite_quote(table)} (source) WHERE {_UNREADABLE_SQL}")
         except (sqlite3.Error, OSError) as e:
@@ -457,7 +517,7 @@ class PostgresSink(_Closes):
             self.conn = psycopg.connect(dsn, **self._connect_kwargs)
         except psycopg.Error as e:
             raise SinkError(redact(f"{self.name}: cannot connect to PostgreSQL: {e}")) from None
-        columns = sql.SQL(_column_defs(lambda c: sql.Identifier(c).as_string(self.conn)))
+        columns = sql.SQL(_column_defs(lambda c: sql.Identifier(c).as_string(self.conn), _PG_TYPES))
         cols = sql.SQL(", ").join(sql.Identifier(c) for c in ROW_FIELDS)
         updates = sql.SQL(", ").join(
             sql.SQL("{} = EXCLUDED.{}").format(sql.Identifier(c), sql.Identifier(c)) for c in ROW_FIELDS if c != "id"
@@ -480,6 +540,12 @@ class PostgresSink(_Closes):
             with conn.transaction():
                 conn.execute("SELECT pg_advisory_xact_lock(%s)", (_pg_lock_key(table),))
                 conn.execute(create)
+                have = {r[0] for r in conn.execute(
+                    "SELECT column_name FROM information_schema.columns WHERE table_schema = current_schema()"
+                    " AND table_name = %s", (table,))}
+                for name, typ in _missing_columns(have, _PG_TYPES):  # tables written by an older pagemill
+                    conn.execute(sql.SQL("ALTER TABLE {} ADD COLUMN IF NOT EXISTS {} " + typ).format(
+                        ident, sql.Identifier(name)))
                 conn.execute(index)
 
         try:

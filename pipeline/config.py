@@ -36,7 +36,7 @@ class JobConfig(BaseModel):
     input: str = Field(..., description="Source: local folder (recursive), glob, s3://bucket/prefix, or a Parquet table (local or s3://) of image bytes or URIs.")
     output: str = Field(..., description="Sink: a directory (Parquet, local or s3://), sqlite:///path.db, or postgresql://... DSN.")
     table: str = Field("pagemill_rows", description="Table name for SQLite/PostgreSQL sinks (letters, digits, underscore).")
-    summary_path: str | None = Field(None, description="Where to write the run summary JSON; default beside the output (Parquet dir: _summary.json inside; SQLite: <db>.summary.json; otherwise ./<table>.summary.json).")
+    summary_path: str | None = Field(None, description="Where to write the run summary JSON; default beside the output (Parquet dir: DIR.summary.json; SQLite: <db>.summary.json; PostgreSQL/s3://: $PAGEMILL_CACHE/runs/).")
     limit: int | None = Field(None, gt=0, description="Process at most this many inputs (files / Parquet rows) from the source listing.")
 
     # --- model ------------------------------------------------------------------------------
@@ -89,8 +89,12 @@ class JobConfig(BaseModel):
 
     # --- resume and outputs -------------------------------------------------------------------
     retry_errors: bool = Field(False, description="On resume, reprocess items whose stored row has status error.")
-    contact_sheet: bool = Field(True, description="catalog: write an HTML contact sheet beside the output.")
-    contact_sheet_max: int = Field(500, ge=0, description="catalog: at most this many thumbnails on the contact sheet.")
+    contact_sheet: bool = Field(False, description="Write an HTML QA contact sheet of the whole output beside it (default: on for catalog, off for digitize).")
+    contact_sheet_max: int = Field(500, ge=0, description="At most this many items on the contact sheet (errors first).")
+    markdown: str | None = Field(None, description="digitize: write one Markdown file per input document under this directory (local or s3://), at <path relative to the input root>.md.")
+    append: bool = Field(False, description="Write into an output that already holds rows of another job or config_hash (refused otherwise).")
+    parquet_part_mb: float = Field(32.0, gt=0, description="Parquet outputs: buffer rows into part files of about this many MB (or parquet_part_seconds, whichever first).")
+    parquet_part_seconds: float = Field(120.0, gt=0, description="Parquet outputs: write the buffered rows as a part after at most this many seconds.")
 
     @field_validator("table")
     @classmethod
@@ -118,12 +122,22 @@ class JobConfig(BaseModel):
             raise ValueError("must not be empty")
         return v.strip()
 
+    @model_validator(mode="before")
+    @classmethod
+    def _contact_sheet_default(cls, data: Any) -> Any:
+        # On for catalog (it is that job's QA page), off for digitize unless asked for.
+        if isinstance(data, dict) and data.get("contact_sheet") is None:
+            data = {**data, "contact_sheet": data.get("job", "digitize") == "catalog"}
+        return data
+
     @model_validator(mode="after")
     def _check(self) -> "JobConfig":
         if self.num_model_workers_max < self.num_model_workers_min:
             raise ValueError("num_model_workers_max must be >= num_model_workers_min")
         if self.prompt is not None and self.prompt.count("<image>") != 1:
             raise ValueError("prompt must contain exactly one <image> placeholder")
+        if self.markdown is not None and self.job != "digitize":
+            raise ValueError("markdown is a digitize option")
         return self
 
     # ------------------------------------------------------------------------------------------
@@ -168,27 +182,33 @@ def _describe(e: ValidationError, origin: str) -> str:
     return f"invalid configuration{origin}:\n" + "\n".join(lines)
 
 
-def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None) -> JobConfig:
-    """YAML file (optional) + overrides (CLI flags; None values mean "not given") -> validated JobConfig."""
+def load_config(path: str | Path | list[str | Path] | None, overrides: dict[str, Any] | None = None) -> JobConfig:
+    """YAML files (optional; later ones layered over earlier ones) + overrides (CLI flags; None values mean
+    "not given") -> validated JobConfig."""
     data: dict[str, Any] = {}
-    origin = ""
-    if path is not None:
-        origin = f" (from {path} and flags)"
-        try:
-            text = Path(path).read_text()
-        except OSError as e:
-            raise ConfigError(f"cannot read config file {path}: {e.strerror or e}") from None
-        try:
-            loaded = yaml.safe_load(text)
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
-        if loaded is None:
-            loaded = {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"config file {path} must be a mapping of option: value")
-        data.update(loaded)
+    paths = [] if path is None else list(path) if isinstance(path, list) else [path]
+    origin = f" (from {', '.join(map(str, paths))} and flags)" if paths else ""
+    for path in paths:
+        data.update(read_yaml(path))
     data.update({k: v for k, v in (overrides or {}).items() if v is not None})
     try:
         return JobConfig.model_validate(data)
     except ValidationError as e:
         raise ConfigError(_describe(e, origin)) from None
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """One flat YAML config file as a dict; a missing, unreadable or non-mapping file is a ConfigError."""
+    try:
+        text = Path(path).read_text()
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {path}: {e.strerror or e}") from None
+    try:
+        loaded = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+    if loaded is None:
+        loaded = {}
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"config file {path} must be a mapping of option: value")
+    return loaded

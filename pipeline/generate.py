@@ -132,3 +132,4 @@ class Generate:
         if marker and not os.path.exists(marker):
             Path(marker).write_text(json.dumps({"pid": os.getpid()}))
             os._exit(1)
+

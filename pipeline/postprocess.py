@@ -101,6 +101,8 @@ def _row(batch: dict[str, np.ndarray], i: int, **static: Any) -> OutputRow:
         generate_ms=_opt(float(batch["generate_ms"][i]), -1.0) if "generate_ms" in batch else None,
         prompt_tokens=_opt(int(batch["prompt_tokens"][i]), 0),
         generated_tokens=None,
+        finish_reason="error" if str(batch["status"][i]) != "ok" else
+        (str(batch["finish_reason"][i]) if "finish_reason" in batch else None),
     )
     if fields["status"] == "ok":
         raw = str(batch["text"][i])
@@ -115,5 +117,5 @@ def _row(batch: dict[str, np.ndarray], i: int, **static: Any) -> OutputRow:
                 fields["items_json"] = catalog_record(raw, boxes, width or 0, height or 0).model_dump_json()
         except (ValidationError, ValueError, TypeError, KeyError) as e:
             fields.update(status="error", error=redact(f"{fields['source']}: invalid model output: {e}"), text=raw,
-                          boxes_json=None, items_json=None)
+                          boxes_json=None, items_json=None, finish_reason="error")
     return OutputRow.model_validate(fields)

@@ -123,7 +123,7 @@ class Preprocess:
         self.options = source_options(config)
         self.conversation = conversation(config.effective_prompt)
         self.done = done_ids
-        self.thumbnails = config.job == "catalog" and config.contact_sheet
+        self.thumbnails = config.contact_sheet
 
     def __call__(self, batch: dict[str, np.ndarray]) -> Iterator[dict[str, np.ndarray]]:
         rows = _Rows()

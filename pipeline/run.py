@@ -19,12 +19,14 @@ from connectors.s3 import S3Options
 from connectors.sinks import open_sink
 from pipeline.checkpoint import resolve_model
 from pipeline.config import JobConfig
-from pipeline.contact_sheet import ContactSheet
 from pipeline.generate import CRASH_ENV, Generate, batches_in_flight
+from pipeline.outputs import RunOutputs
 from pipeline.postprocess import postprocess
+from pipeline.preflight import preflight_inputs, preflight_outputs
 from pipeline.preprocess import Preprocess, source_options
+from pipeline.progress import quiet_ray_data, quiet_ray_init
 from pipeline.resume import DoneSet, load_done_set
-from pipeline.summary import Summary, Tally, side_path
+from pipeline.summary import Summary, Tally, side_path, utc_now
 
 
 def s3_options(config: JobConfig) -> S3Options:
@@ -131,15 +133,20 @@ def run_job(config: JobConfig, *, quiet: bool = False) -> Summary:
     """Run one job to completion; returns (and writes beside the output) its summary."""
     import ray
 
+    started_at = utc_now()
     model_path, smoke = resolve_model(config.model)
-    sink = open_sink(config.output, table=config.table, s3=s3_options(config), password_env=config.db_password_env)
-    sheet = None
+    preflight_inputs(config, model_path)  # before Ray starts: a bad model/input/output is one clear line
+    sink = open_sink(config.output, table=config.table, s3=s3_options(config), password_env=config.db_password_env,
+                     part_bytes=int(config.parquet_part_mb * 1024 * 1024), part_seconds=config.parquet_part_seconds)
+    outputs = None
     try:
+        preflight_outputs(config, sink)
+        with quiet_ray_init():
+            _init_ray(config)
+        quiet_ray_data()
         done = load_done_set(sink, include_errors=not config.retry_errors)  # compact; shared once via Ray
-        _init_ray(config)
         ds = build_dataset(config, model_path, done)
-        if config.job == "catalog" and config.contact_sheet:
-            sheet = ContactSheet(side_path(config, "contact_sheet.html"), config.contact_sheet_max)
+        outputs = RunOutputs(config, sink, started_at=started_at, smoke=smoke, listing=_listing(config))
         tally = Tally()
         t0 = time.perf_counter()
         _hide_actor_death_tracebacks()
@@ -148,24 +155,29 @@ def run_job(config: JobConfig, *, quiet: bool = False) -> Summary:
                 rows, thumbs = tally.add(batch)
                 if rows:
                     sink.write(rows)
-                if sheet is not None:
-                    for row, thumb in zip(rows, thumbs):
-                        sheet.add(row, thumb)
+                outputs.add(rows, thumbs, tally)
         except (ray.exceptions.RayTaskError, ray.exceptions.RayActorError) as e:
             raise _unwrap(e, config) from None
         # Parquet: drop rows that this run's parts supersede (e.g. retried errors), one row per id.
         # Only after a complete run; a killed run's leftovers are dropped by the next run's compact.
         sink.compact()
-        summary = tally.summary(config, wall_s=time.perf_counter() - t0, smoke=smoke,
-                                prior_done=len(done), contact_sheet=str(sheet.path) if sheet else None)
+        sheet, docs = outputs.finish(sink, tally)
+        summary = tally.summary(config, started_at=started_at, wall_s=time.perf_counter() - t0, smoke=smoke,
+                                prior_done=len(done), contact_sheet=sheet, markdown_documents=docs)
     finally:
-        if sheet is not None:
-            sheet.close()
+        if outputs is not None:
+            outputs.close()
         sink.close()
-    summary.write(side_path(config, "summary.json"))
+    summary.write(side_path(config, "summary.json", started_at))
     if not quiet:
         print(summary.render(), flush=True)
     return summary
+
+
+def _listing(config: JobConfig) -> Any:
+    from connectors.sources import list_inputs
+
+    return list_inputs(config.input, options=source_options(config))
 
 
 def _unwrap(e: Exception, config: JobConfig | None = None) -> Exception:

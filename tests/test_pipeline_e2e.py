@@ -59,7 +59,7 @@ def test_folder_to_parquet_then_resume(ray_session, tmp_path):
     s = run_job(config)
     assert (s.items_ok, s.items_failed, s.items_skipped) == (n, 0, 0)
     check_rows(read_rows(str(out)), n, config)
-    assert summary_of(out / "_summary.json")["items_ok"] == n
+    assert summary_of(tmp_path / "out.summary.json")["items_ok"] == n
     # re-run: everything is already there
     s2 = run_job(config)
     assert (s2.items_ok, s2.items_skipped) == (0, n)
@@ -201,8 +201,8 @@ def test_catalog_rows_and_contact_sheet(ray_session, tmp_path):
         rec = json.loads(r["items_json"])
         assert set(rec) == {"caption", "items", "label_text"}
         assert "catalog" == r["job"] and "Describe the items" in r["prompt"]
-    sheet = (out / "_contact_sheet.html").read_text()
-    assert sheet.count("<figure>") == 2 and "data:image/png;base64," in sheet
+    sheet = (tmp_path / "cat.contact_sheet.html").read_text()
+    assert sheet.count("<figure ") == 2 and "data:image/png;base64," in sheet
 
 
 def test_engine_rows_equal_static_batch_generate(ray_session, tmp_path):

@@ -14,6 +14,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 from PIL import Image, ImageDraw
 
+from connectors.rows import plain_row
 from pipeline.checkpoint import smoke_checkpoint as job_smoke_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
@@ -69,13 +70,14 @@ def read_rows(output: str, table: str = "pagemill_rows") -> list[dict]:
         from psycopg.rows import dict_row
 
         with psycopg.connect(output, row_factory=dict_row) as conn:
-            return list(conn.execute(f"SELECT * FROM {table}"))  # noqa: S608 - test-owned table name
+            # jsonb / timestamptz come back as Python objects; compare in the row-dict form
+            return [plain_row(r) for r in conn.execute(f"SELECT * FROM {table}")]  # noqa: S608 - test-owned table
     # Parquet parts are append-only: a re-written id (retried error) lives on in an older part, and the
     # newest part (names sort by write time) supersedes it, as the sink's own done_ids reads it.
     latest: dict[str, dict] = {}
     for part in sorted(p for p in Path(output).glob("*.parquet") if not p.name.startswith((".", "_"))):
         for row in pq.read_table(part).to_pylist():
-            latest[row["id"]] = row
+            latest[row["id"]] = plain_row(row)
     return list(latest.values())
 
 
