@@ -290,8 +290,8 @@ class LocalParquetSink(_ParquetSink):
         # In a hidden subfolder: no glob a data tool uses (DIR/*, DIR/**/*.parquet) and no Arrow/Spark
         # listing finds it, so a crash mid-write leaves nothing but Parquet where readers look.
         tmp = self.root / TMP_DIR / (final.name + ".tmp")
-        tmp.parent.mkdir(exist_ok=True)
         try:
+            tmp.parent.mkdir(exist_ok=True)
             with open(tmp, "wb") as fh:
                 pq.write_table(table, fh)
                 fh.flush()

@@ -24,12 +24,15 @@ GROUPS: dict[str, list[str]] = {
     "output": ["output", "table", "summary_path", "markdown", "contact_sheet", "contact_sheet_max", "append",
                "retry_errors", "parquet_part_mb", "parquet_part_seconds"],
     "model": ["model", "model_revision", "device", "dtype", "prompt"],
-    "generation": ["max_new_tokens", "temperature", "top_p", "repetition_penalty", "seed"],
+    "generation": ["max_new_tokens", "temperature", "top_p", "repetition_penalty", "seed", "no_repeat_ngram_size",
+                   "no_repeat_window"],
     "resources": ["ray_address", "cpu_batch_size", "model_batch_size", "num_cpu_workers", "cpus_per_cpu_worker",
                   "num_model_workers_min", "num_model_workers_max", "cpus_per_model_worker", "gpus_per_worker",
-                  "model_threads", "max_actor_restarts"],
+                  "model_threads", "max_actor_restarts", "batches_in_flight", "engine_max_seqs",
+                  "engine_kv_cache_tokens", "engine_max_step_tokens"],
     "limits": ["max_pixels", "max_bytes", "max_pdf_pages", "pdf_longest_side"],
-    "storage credentials": ["s3_endpoint_url", "s3_region", "aws_access_key_id", "aws_secret_access_key"],
+    "storage credentials": ["s3_endpoint_url", "s3_region", "aws_access_key_id", "aws_secret_access_key",
+                            "db_password_env"],
 }
 ONLY_FOR: dict[str, str] = {"markdown": "digitize"}  # options that make sense for one job only
 
