@@ -150,7 +150,9 @@ def test_model_actor_restarts_exhausted_is_one_error_line_and_rows_are_kept(tmp_
     db = tmp_path / "rows.db"
     args = [sys.executable, "-m", "jobs.digitize", "--input", str(src), "--output", f"sqlite:///{db}",
             "--model", str(smoke_checkpoint()), "--max-new-tokens", "24", "--cpu-batch-size", "1",
-            "--model-batch-size", "1", "--max-actor-restarts", "0"]
+            "--model-batch-size", "1", "--max-actor-restarts", "0",
+            # one item at a time in the engine, so rows land one by one and the kill falls mid-run
+            "--batches-in-flight", "1", "--engine-max-seqs", "1"]
     proc = subprocess.Popen(args, cwd=REPO, env=job_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
     try:
