@@ -34,6 +34,9 @@ class OutputRow(BaseModel):
     job: Literal["digitize", "catalog"]
     decode_ms: float | None = None
     generate_ms: float | None = None
+    # The model actor's engine: waiting for room in its batch, then admission to the first token (vision + prefill).
+    queue_ms: float | None = None
+    prefill_ms: float | None = None
     prompt_tokens: int | None = None
     generated_tokens: int | None = None
     # Why generation stopped: eos (the model finished), length (hit max_new_tokens), error (no output).

@@ -99,7 +99,7 @@ class Generate:
         error = batch["error"].astype(object).copy()
         text = np.array([""] * n, dtype=object)
         gen_tokens = np.zeros(n, dtype=np.int64)
-        gen_ms = np.full(n, -1.0)
+        gen_ms, queue_ms, prefill_ms = np.full(n, -1.0), np.full(n, -1.0), np.full(n, -1.0)
         finish = np.array(["error" if status[i] == "error" else "" for i in range(n)], dtype=object)
         todo = [i for i in range(n) if status[i] == "ok"]
         if todo:
@@ -112,9 +112,11 @@ class Generate:
                 else:
                     text[i] = self.processor.decode(r.tokens, skip_special_tokens=False)
                     gen_tokens[i], gen_ms[i] = len(r.tokens), r.total_ms
+                    queue_ms[i], prefill_ms[i] = r.queue_ms, r.prefill_ms
         out = {k: v for k, v in batch.items() if k != "prep"}  # the tensors are spent; do not ship them on
         out.update(status=status, error=error, text=text, generated_tokens=gen_tokens, generate_ms=gen_ms,
-                   finish_reason=finish, model_revision=np.array([self.revision] * n, dtype=object))
+                   queue_ms=queue_ms, prefill_ms=prefill_ms, finish_reason=finish,
+                   model_revision=np.array([self.revision] * n, dtype=object))
         return out
 
     async def _one(self, batch: dict[str, np.ndarray], i: int):

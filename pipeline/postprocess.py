@@ -99,6 +99,8 @@ def _row(batch: dict[str, np.ndarray], i: int, **static: Any) -> OutputRow:
         job=static["job"],
         decode_ms=_opt(float(batch["decode_ms"][i]), -1.0),
         generate_ms=_opt(float(batch["generate_ms"][i]), -1.0) if "generate_ms" in batch else None,
+        queue_ms=_opt(float(batch["queue_ms"][i]), -1.0) if "queue_ms" in batch else None,
+        prefill_ms=_opt(float(batch["prefill_ms"][i]), -1.0) if "prefill_ms" in batch else None,
         prompt_tokens=_opt(int(batch["prompt_tokens"][i]), 0),
         generated_tokens=None,
         finish_reason="error" if str(batch["status"][i]) != "ok" else

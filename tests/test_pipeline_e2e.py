@@ -43,6 +43,8 @@ def check_rows(rows: list[dict], n: int, config: JobConfig) -> None:
         assert r["status"] == "ok", r["error"]
         assert r["width"] > 0 and r["height"] > 0 and r["text"] is not None
         assert r["generated_tokens"] >= 0 and r["prompt_tokens"] > 0 and r["generate_ms"] > 0
+        assert 0 <= r["queue_ms"] and 0 < r["prefill_ms"] and r["queue_ms"] + r["prefill_ms"] <= r["generate_ms"]
+        assert r["finish_reason"] == ("length" if r["generated_tokens"] == config.max_new_tokens else "eos")
         assert r["config_hash"] == config.config_hash() and r["model_revision"].startswith("sha256:")
         assert r["prompt"] == config.effective_prompt and r["job"] == config.job
         assert isinstance(json.loads(r["boxes_json"]), list)
