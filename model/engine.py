@@ -71,6 +71,7 @@ class _Sequence:
     cached: int = 0  # tokens whose keys are in the cache
     tokens: list[int] = field(default_factory=list)
     generator: torch.Generator | None = None
+    image_rows: torch.Tensor | None = None  # [n, hidden] from a vision worker, else computed at admission
     row: int = -1  # this sequence's row in the engine's `seen` table (repetition penalty)
     guard_bans: int = 0
 
@@ -132,11 +133,14 @@ class Engine:
 
     # -- submission ------------------------------------------------------------------------------
 
-    def submit(self, prep: PreparedInput, params: SamplingParams | None = None) -> Future:
-        """Queue one request; thread-safe. The future resolves to its `Result`."""
+    def submit(self, prep: PreparedInput, params: SamplingParams | None = None,
+               image_rows: torch.Tensor | None = None) -> Future:
+        """Queue one request; thread-safe. The future resolves to its `Result`. `image_rows`: the
+        prompt's image placeholder rows when a vision worker computed them (see `image_rows`)."""
         params = params or SamplingParams()
         fut: Future = Future()
         seq = _Sequence(next(self._ids), prep, params, fut, time.perf_counter(), len(prep))
+        seq.image_rows = image_rows
         problem = self._never_fits(seq)
         if problem:
             fut.set_result(Result([], "error", problem, prompt_tokens=seq.prompt_len))
@@ -292,12 +296,12 @@ class Engine:
             return
         now = time.perf_counter()
         try:
-            embeds = self._prompt_embeds([s.prep for s in admitted])
+            embeds = self._prompt_embeds([s.prep for s in admitted], [s.image_rows for s in admitted])
         except Exception:  # noqa: BLE001 - find the request(s) at fault one by one
             embeds = []
             for s in admitted:
                 try:
-                    embeds.extend(self._prompt_embeds([s.prep]))
+                    embeds.extend(self._prompt_embeds([s.prep], [s.image_rows]))
                 except Exception as e:  # noqa: BLE001
                     embeds.append(e)
         for s, e in zip(admitted, embeds):
@@ -320,27 +324,23 @@ class Engine:
             self._seen = torch.zeros(self.plan.max_seqs, vocab, dtype=torch.bool, device=self.device)
         return self._seen
 
-    def _prompt_embeds(self, preps: list[PreparedInput]) -> list[torch.Tensor]:
-        """Each prompt's input embeddings [T, hidden]; all requests' tiles in one vision pass
-        (bounded chunks of `model.vision_chunk` tiles), laid out exactly as `model.embed` does."""
-        m = self.model
-        crops = [list(_real(p.images_spatial_crop.tolist())) for p in preps]
-        counts = [sum(1 + w * h for w, h in c) for c in crops]
-        tiles = [p.images[:c] for p, c in zip(preps, counts) if c]
-        feats = m.encode_tiles(torch.cat(tiles).to(self.device, self.dtype)) if tiles else None
-        out, t = [], 0
-        for p, crop in zip(preps, crops):
-            e = m.language.model.embed_tokens(p.input_ids.to(self.device))
-            rows = []
-            for w, h in crop:
-                rows.append(m._image_rows(feats[t : t + 1 + w * h], w, h))
-                t += 1 + w * h
-            if rows:
-                rows = torch.cat(rows)
+    def _prompt_embeds(self, preps: list[PreparedInput], given: list[torch.Tensor | None] | None = None
+                       ) -> list[torch.Tensor]:
+        """Each prompt's input embeddings [T, hidden], laid out exactly as `model.embed` does; the image
+        rows from `given` where a vision worker computed them, else from one vision pass over the tiles
+        of all the others."""
+        given = given or [None] * len(preps)
+        todo = [i for i, g in enumerate(given) if g is None]
+        computed = dict(zip(todo, image_rows(self.model, [preps[i] for i in todo])))
+        out = []
+        for i, p in enumerate(preps):
+            e = self.model.language.model.embed_tokens(p.input_ids.to(self.device))
+            rows = given[i] if given[i] is not None else computed[i]
+            if rows is not None:
                 mask = p.images_seq_mask.to(self.device)
                 if int(mask.sum()) != rows.shape[0]:
                     raise ValueError(f"{int(mask.sum())} image placeholders but {rows.shape[0]} image rows")
-                e[mask] = rows.to(e.dtype)
+                e[mask] = rows.to(self.device, e.dtype)
             out.append(e)
         return out
 
@@ -445,3 +445,21 @@ class Engine:
             decode_ms=(now - first) * ms, total_ms=(now - s.submitted) * ms)
         if not s.future.done():
             s.future.set_result(result)
+
+
+def image_rows(model, preps: Sequence[PreparedInput]) -> list[torch.Tensor | None]:
+    """Each prompt's image placeholder rows [n, hidden] (None without an image): all prompts' tiles in one
+    vision pass (bounded chunks of `model.vision_chunk` tiles). The engine's admission uses it, and so
+    does a separate vision worker, whose rows the engine then takes as given."""
+    crops = [list(_real(p.images_spatial_crop.tolist())) for p in preps]
+    counts = [sum(1 + w * h for w, h in c) for c in crops]
+    tiles = [p.images[:c] for p, c in zip(preps, counts) if c]
+    feats = model.encode_tiles(torch.cat(tiles).to(model.device, model.dtype)) if tiles else None
+    out, t = [], 0
+    for crop in crops:
+        rows = []
+        for w, h in crop:
+            rows.append(model._image_rows(feats[t : t + 1 + w * h], w, h))
+            t += 1 + w * h
+        out.append(torch.cat(rows) if rows else None)
+    return out
