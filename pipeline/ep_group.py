@@ -21,9 +21,6 @@ import torch
 
 from pipeline.config import JobConfig
 
-# Test hook: path of a marker file; the last rank of the first group to find it missing creates it and
-# dies on its first item (set on the driver; see run.py).
-CRASH_RANK_ENV = "PAGEMILL_TEST_CRASH_EP_RANK_ONCE"
 READY_TIMEOUT_S = 600
 
 

@@ -28,6 +28,8 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 # Test hook: path of a marker file; the first model actor to find it missing creates it and dies,
 # which exercises actor restart + batch retry (set on the driver; see run.py).
 CRASH_ENV = "PAGEMILL_TEST_CRASH_MODEL_ONCE"
+# Test hook: the same for the last rank of an expert-parallel group, dying on its first item (ep_group.py).
+CRASH_RANK_ENV = "PAGEMILL_TEST_CRASH_EP_RANK_ONCE"
 
 
 def pick_device(requested: str) -> torch.device:

@@ -18,8 +18,7 @@ from connectors.sinks import open_sink
 from pipeline.checkpoint import resolve_model
 from pipeline.config import JobConfig
 from pipeline.contact_sheet import ContactSheet
-from pipeline.ep_group import CRASH_RANK_ENV
-from pipeline.generate import CRASH_ENV, Generate, batches_in_flight
+from pipeline.generate import CRASH_ENV, CRASH_RANK_ENV, Generate, batches_in_flight
 from pipeline.postprocess import postprocess
 from pipeline.preprocess import Preprocess, source_options
 from pipeline.summary import Summary, Tally, side_path

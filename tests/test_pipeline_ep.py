@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from pipeline.config import JobConfig
-from pipeline.ep_group import CRASH_RANK_ENV
+from pipeline.generate import CRASH_RANK_ENV
 from pipeline.run import run_job
 from tests.test_pipeline_e2e import cfg, ray_session  # noqa: F401 - fixture
 from tests.test_pipeline_support import image_bytes, read_rows
