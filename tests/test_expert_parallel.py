@@ -286,9 +286,10 @@ def test_ep_bench_reports_traffic(tmp_path):
     """bench/ep_bench.py end to end on 1 and 2 gloo ranks: measured shares and bytes are consistent."""
     out = tmp_path / "ep.json"
     repo = Path(__file__).resolve().parents[1]
-    subprocess.run([sys.executable, str(repo / "bench" / "ep_bench.py"), "--world", "1", "2", "--batch", "2",
+    proc = subprocess.run([sys.executable, str(repo / "bench" / "ep_bench.py"), "--world", "1", "2", "--batch", "2",
                     "--prompt", "8", "--new-tokens", "3", "--repeats", "1", "--engine", "--json", str(out)],
-                   check=True, timeout=RUN_TIMEOUT_S, capture_output=True)
+                   timeout=RUN_TIMEOUT_S, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-4000:]
     report = json.loads(out.read_text())
     one, two = report["runs"]["1"], report["runs"]["2"]
     assert one["decode_bytes_sent_per_step"] == 0 and two["decode_bytes_sent_per_step"] > 0
