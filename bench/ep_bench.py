@@ -15,6 +15,10 @@ Then the projection of docs/performance.md ("Expert parallelism") for N=2, 4, 8:
 sends per decode step, from the measured off-rank share of the (token, expert) pairs scaled to the
 projected model's hidden size, top-k and MoE layer count, at `--bandwidth-gbs` per GPU plus
 `--latency-us` per all-to-all. The last line printed is the JSON (also written to `--json`).
+
+`--engine`: every rank also runs its requests through its own continuous-batching `Engine` (collective
+steps, model/engine.py) and reports the engine's wall time, steps, tokens/s and the all-to-all share of
+that wall time (`engine_*` keys).
 """
 from __future__ import annotations
 
@@ -128,6 +132,8 @@ def _rank(rank: int, world: int, port: int, cfg: dict, out: str) -> None:
         "expert_param_bytes": sum(t.numel() * t.element_size() for m in model.expert_parallel.layers
                                   for t in m.experts.parameters()),
     }
+    if cfg.get("engine"):
+        result.update(_engine_run(model, inputs, cfg, device))
     if world == 1:  # the plain model: what the EP layer costs by itself
         plain, _ = load_pretrained(cfg["checkpoint"], device=device, dtype=dtype)
         plain.generate(inputs, **gen)
@@ -181,6 +187,30 @@ def project(measured: dict[int, float], variant: str, batch: int, bandwidth_gbs:
     return rows
 
 
+def _engine_run(model, inputs: BatchInputs, cfg: dict, device: str) -> dict:
+    """This rank's requests through its own Engine (collective steps): wall time and all-to-all share."""
+    from model import Engine, SamplingParams
+    from model.processor import PreparedInput
+
+    preps = [PreparedInput(input_ids=ids.cpu(), images_seq_mask=torch.zeros(len(ids), dtype=torch.bool),
+                           images=torch.zeros(1, 3, 1, 1), images_spatial_crop=torch.zeros(1, 2, dtype=torch.long),
+                           num_image_tokens=torch.zeros(1, dtype=torch.long)) for ids in inputs.input_ids]
+    params = SamplingParams(max_new_tokens=cfg["new_tokens"], ignore_eos=True)
+    engine = Engine(model, None, kv_cache_tokens=max(4096, 2 * len(preps) * (cfg["prompt"] + cfg["new_tokens"])))
+    engine.generate(preps, params)  # warm-up
+    traffic = model.expert_parallel.record()
+    steps = engine.stats["steps"] + engine.stats["idle_steps"]
+    _sync(device)
+    t0 = time.perf_counter()
+    for _ in range(cfg["repeats"]):
+        engine.generate(preps, params)
+    _sync(device)
+    wall = time.perf_counter() - t0
+    tokens = cfg["repeats"] * len(preps) * cfg["new_tokens"]
+    return {"engine_wall_s": wall, "engine_steps": engine.stats["steps"] + engine.stats["idle_steps"] - steps,
+            "engine_tokens_per_s": tokens / wall, "engine_a2a_share": sum(x.seconds for x in traffic.exchanges) / wall}
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", help="default: a random-weight checkpoint written to a temp dir")
@@ -200,6 +230,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--bandwidth-gbs", type=float, nargs="+", default=[450.0, 50.0],
                     help="per-GPU all-to-all bandwidth, GB/s each way (NVLink 4 ~450, PCIe 5 x16 ~50)")
     ap.add_argument("--latency-us", type=float, default=20.0, help="fixed cost of one all-to-all")
+    ap.add_argument("--engine", action="store_true", help="also run every rank's requests through its Engine")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
     if args.device == "cuda" and max(args.world) > torch.cuda.device_count():
@@ -211,7 +242,7 @@ def main(argv: list[str] | None = None) -> dict:
                                                              language_overrides=args.language))
         cfg = {"checkpoint": ckpt, "device": args.device, "dtype": dtype, "threads": args.threads,
                "batch": args.batch, "prompt": args.prompt, "new_tokens": args.new_tokens,
-               "repeats": args.repeats}
+               "repeats": args.repeats, "engine": args.engine}
         runs = {}
         for n in args.world:
             ranks = run(n, cfg)
@@ -225,6 +256,10 @@ def main(argv: list[str] | None = None) -> dict:
                 "prefill_bytes_sent": mean("prefill_bytes_sent"),
                 "expert_param_bytes_per_rank": ranks[0]["expert_param_bytes"],
                 **({k: ranks[0][k] for k in ("plain_prefill_ms", "plain_decode_step_ms")} if n == 1 else {}),
+                **({"engine_wall_s": max(r["engine_wall_s"] for r in ranks),
+                    "engine_tokens_per_s": sum(r["engine_tokens_per_s"] for r in ranks),
+                    "engine_a2a_share": mean("engine_a2a_share"),
+                    "engine_steps": ranks[0]["engine_steps"]} if args.engine else {}),
             }
             print(f"N={n}: {json.dumps(runs[n])}", flush=True)
     measured = {n: r["decode_off_rank_share"] for n, r in runs.items() if n > 1}

@@ -13,6 +13,13 @@ give every decoding sequence one token, fill the rest of the step's token budget
 chunks, run the decoder once over all of them (model/runner.py), sample each request with its own
 parameters, and retire finished sequences so the next step refills their places. `model.generate`
 one request at a time is the oracle: the tests hold the engine to its tokens.
+
+Under expert parallelism (a model loaded with `expert_parallel=True`) every rank runs its own Engine on
+its own requests and `step()` is collective: one all-reduce per step says whether any rank has tokens;
+if one has, every rank runs the decoder pass (a rank with none runs a zero-token pass that only serves
+its experts), so the all-to-alls line up. `generate()` on a rank returns when every rank's requests are
+done (a rank with no requests passes `[]` and serves the others); the background loop polls the group
+while idle and `close()` returns once every rank has closed.
 """
 from __future__ import annotations
 
@@ -64,6 +71,7 @@ class _Sequence:
     cached: int = 0  # tokens whose keys are in the cache
     tokens: list[int] = field(default_factory=list)
     generator: torch.Generator | None = None
+    image_rows: torch.Tensor | None = None  # [n, hidden] from a vision worker, else computed at admission
     row: int = -1  # this sequence's row in the engine's `seen` table (repetition penalty)
     guard_bans: int = 0
 
@@ -117,14 +125,22 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._closed = False
         self.stats = collections.Counter()
+        # expert parallelism (model.expert_parallel.ExpertParallel) or None: steps are then collective
+        self.ep = getattr(model, "expert_parallel", None)
+        self.group_active = False  # EP: did the last step run a decoder pass on the group
+        self._group_leaving = False  # EP: had every rank closed at the last step
+        self.idle_poll_s = 0.005  # EP: how often an idle loop joins the group's step all-reduce
 
     # -- submission ------------------------------------------------------------------------------
 
-    def submit(self, prep: PreparedInput, params: SamplingParams | None = None) -> Future:
-        """Queue one request; thread-safe. The future resolves to its `Result`."""
+    def submit(self, prep: PreparedInput, params: SamplingParams | None = None,
+               image_rows: torch.Tensor | None = None) -> Future:
+        """Queue one request; thread-safe. The future resolves to its `Result`. `image_rows`: the
+        prompt's image placeholder rows when a vision worker computed them (see `image_rows`)."""
         params = params or SamplingParams()
         fut: Future = Future()
         seq = _Sequence(next(self._ids), prep, params, fut, time.perf_counter(), len(prep))
+        seq.image_rows = image_rows
         problem = self._never_fits(seq)
         if problem:
             fut.set_result(Result([], "error", problem, prompt_tokens=seq.prompt_len))
@@ -156,8 +172,12 @@ class Engine:
         if len(plist) != len(prepared):
             raise ValueError(f"{len(prepared)} requests but {len(plist)} SamplingParams")
         futs = [self.submit(p, sp) for p, sp in zip(prepared, plist)]
-        if self._thread is None:
+        if self._thread is None and self.ep is None:
             while not all(f.done() for f in futs):
+                self.step()
+        elif self._thread is None:  # collective: step until no rank has work (then ours is done too)
+            self.step()
+            while self.group_active:
                 self.step()
         return [f.result() for f in futs]
 
@@ -182,6 +202,8 @@ class Engine:
             self._thread = None
 
     def _loop(self) -> None:
+        if self.ep is not None:
+            return self._loop_together()
         while True:
             with self._wake:
                 while not self._closed and not (self._queue or self._running):
@@ -193,11 +215,29 @@ class Engine:
             if not seq.future.done():
                 seq.future.set_result(Result([], "error", "engine closed", prompt_tokens=seq.prompt_len))
 
+    def _loop_together(self) -> None:
+        """The EP loop: join every step of the group; when idle, poll it every `idle_poll_s` (a local
+        submission wakes the loop at once). A closed rank fails its own requests and keeps serving the
+        others until every rank has closed."""
+        while True:
+            with self._wake:
+                if not self._closed and not self.group_active and not (self._queue or self._running):
+                    self._wake.wait(self.idle_poll_s)
+                leaving = self._closed
+            if leaving:
+                for seq in list(self._queue) + self._running:
+                    self._finish(seq, "error", "engine closed")
+                self._queue.clear()
+            self.step(_leaving=leaving)
+            if self._group_leaving and not self.group_active:
+                return
+
     # -- one step ------------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def step(self) -> int:
-        """Admit, run one packed decoder pass, sample, retire. Returns the tokens processed."""
+    def step(self, *, _leaving: bool = False) -> int:
+        """Admit, run one packed decoder pass, sample, retire. Returns the tokens processed.
+        Collective under expert parallelism (every rank calls it, see the module docstring)."""
         with self._step_lock:
             self._admit()
             decoding = [s for s in self._running if not s.prefilling]
@@ -208,15 +248,33 @@ class Engine:
                     take = min(s.prompt_len - s.cached, budget)
                     chunks.append((s, take))
                     budget -= take
-            if not decoding and not chunks:
+            if self.ep is not None:
+                self.group_active, self._group_leaving = self.ep.agree(bool(decoding or chunks), _leaving)
+                if not self.group_active:
+                    return 0
+                if not decoding and not chunks:
+                    self._zero_token_pass()
+                    return 0
+            elif not decoding and not chunks:
                 return 0
             try:
+                # under EP a failure inside the decoder pass leaves the group out of step: the others'
+                # collectives then fail on the process group's timeout (the pipeline restarts the group)
                 n = self._run(chunks, decoding)
             except Exception as e:  # noqa: BLE001 - fail the step's requests, keep the engine alive
                 for s in {id(s): s for s in [c[0] for c in chunks] + decoding}.values():
                     self._finish(s, "error", f"generation failed: {type(e).__name__}: {e}")
                 return 0
             return n
+
+    def _zero_token_pass(self) -> None:
+        """EP: this rank's part of a step it has no tokens for (its MoE layers serve the others)."""
+        dev = self.device
+        none = torch.empty(0, dtype=torch.long, device=dev)
+        hidden = self.model.language.model.embed_tokens.weight.shape[1]
+        forward_step(self.model.language, StepBatch(torch.empty(0, hidden, device=dev, dtype=self.dtype), none, none,
+                                                    logit_rows=none), self.cache)
+        self.stats["idle_steps"] += 1
 
     def _admit(self) -> None:
         """Move queued requests that fit into the running set; encode their images together."""
@@ -238,12 +296,12 @@ class Engine:
             return
         now = time.perf_counter()
         try:
-            embeds = self._prompt_embeds([s.prep for s in admitted])
+            embeds = self._prompt_embeds([s.prep for s in admitted], [s.image_rows for s in admitted])
         except Exception:  # noqa: BLE001 - find the request(s) at fault one by one
             embeds = []
             for s in admitted:
                 try:
-                    embeds.extend(self._prompt_embeds([s.prep]))
+                    embeds.extend(self._prompt_embeds([s.prep], [s.image_rows]))
                 except Exception as e:  # noqa: BLE001
                     embeds.append(e)
         for s, e in zip(admitted, embeds):
@@ -266,27 +324,23 @@ class Engine:
             self._seen = torch.zeros(self.plan.max_seqs, vocab, dtype=torch.bool, device=self.device)
         return self._seen
 
-    def _prompt_embeds(self, preps: list[PreparedInput]) -> list[torch.Tensor]:
-        """Each prompt's input embeddings [T, hidden]; all requests' tiles in one vision pass
-        (bounded chunks of `model.vision_chunk` tiles), laid out exactly as `model.embed` does."""
-        m = self.model
-        crops = [list(_real(p.images_spatial_crop.tolist())) for p in preps]
-        counts = [sum(1 + w * h for w, h in c) for c in crops]
-        tiles = [p.images[:c] for p, c in zip(preps, counts) if c]
-        feats = m.encode_tiles(torch.cat(tiles).to(self.device, self.dtype)) if tiles else None
-        out, t = [], 0
-        for p, crop in zip(preps, crops):
-            e = m.language.model.embed_tokens(p.input_ids.to(self.device))
-            rows = []
-            for w, h in crop:
-                rows.append(m._image_rows(feats[t : t + 1 + w * h], w, h))
-                t += 1 + w * h
-            if rows:
-                rows = torch.cat(rows)
+    def _prompt_embeds(self, preps: list[PreparedInput], given: list[torch.Tensor | None] | None = None
+                       ) -> list[torch.Tensor]:
+        """Each prompt's input embeddings [T, hidden], laid out exactly as `model.embed` does; the image
+        rows from `given` where a vision worker computed them, else from one vision pass over the tiles
+        of all the others."""
+        given = given or [None] * len(preps)
+        todo = [i for i, g in enumerate(given) if g is None]
+        computed = dict(zip(todo, image_rows(self.model, [preps[i] for i in todo])))
+        out = []
+        for i, p in enumerate(preps):
+            e = self.model.language.model.embed_tokens(p.input_ids.to(self.device))
+            rows = given[i] if given[i] is not None else computed[i]
+            if rows is not None:
                 mask = p.images_seq_mask.to(self.device)
                 if int(mask.sum()) != rows.shape[0]:
                     raise ValueError(f"{int(mask.sum())} image placeholders but {rows.shape[0]} image rows")
-                e[mask] = rows.to(e.dtype)
+                e[mask] = rows.to(self.device, e.dtype)
             out.append(e)
         return out
 
@@ -391,3 +445,21 @@ class Engine:
             decode_ms=(now - first) * ms, total_ms=(now - s.submitted) * ms)
         if not s.future.done():
             s.future.set_result(result)
+
+
+def image_rows(model, preps: Sequence[PreparedInput]) -> list[torch.Tensor | None]:
+    """Each prompt's image placeholder rows [n, hidden] (None without an image): all prompts' tiles in one
+    vision pass (bounded chunks of `model.vision_chunk` tiles). The engine's admission uses it, and so
+    does a separate vision worker, whose rows the engine then takes as given."""
+    crops = [list(_real(p.images_spatial_crop.tolist())) for p in preps]
+    counts = [sum(1 + w * h for w, h in c) for c in crops]
+    tiles = [p.images[:c] for p, c in zip(preps, counts) if c]
+    feats = model.encode_tiles(torch.cat(tiles).to(model.device, model.dtype)) if tiles else None
+    out, t = [], 0
+    for crop in crops:
+        rows = []
+        for w, h in crop:
+            rows.append(model._image_rows(feats[t : t + 1 + w * h], w, h))
+            t += 1 + w * h
+        out.append(torch.cat(rows) if rows else None)
+    return out

@@ -146,9 +146,15 @@ class ExpertParallel:
 
     def step_together(self, active: bool) -> bool:
         """All-reduce "this rank runs a decoder step now"; True while any rank does."""
-        flag = torch.tensor([int(active)], device=self.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
-        return bool(flag.item())
+        return self.agree(active)[0]
+
+    def agree(self, active: bool, leaving: bool = False) -> tuple[bool, bool]:
+        """One all-reduce: (any rank runs a decoder step now, every rank is leaving). The engine's loop
+        uses the second to close the group together."""
+        flags = torch.tensor([int(active), int(not leaving)], device=self.device)
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.group)
+        any_active, anyone_staying = flags.tolist()
+        return bool(any_active), not anyone_staying
 
     def idle_step(self) -> None:
         """This rank's part of a step it has no tokens for: every MoE layer, in order, with zero tokens."""

@@ -68,6 +68,8 @@ class JobConfig(BaseModel):
     engine_max_seqs: int | None = Field(None, gt=0, description="Sequences a model actor's engine decodes at once; default 256 on a GPU, 64 on CPU (also capped by the KV cache).")
     engine_kv_cache_tokens: int | None = Field(None, gt=0, description="KV cache size in tokens; default: planned from the GPU's free memory (CPU: an eighth of the available RAM, at most 1 GiB).")
     engine_max_step_tokens: int | None = Field(None, gt=0, description="Tokens per engine step (decode tokens + prefill chunks); default 8192 on a GPU, 1024 on CPU.")
+    expert_parallel_size: int = Field(1, ge=1, description="Processes (GPUs) per model replica: the routed experts sharded over a group of this many rank actors in one STRICT_PACK placement group on one node, each with cpus_per_model_worker and gpus_per_worker; the Ray Data model actor leads the group and spreads its items over the ranks. 1 = one process per replica.")
+    vision_workers: int = Field(0, ge=0, description="Actors running the vision tower and projector as their own stage, passing image embeddings (float32 on CPU) to the model actors; each with cpus_per_model_worker and gpus_per_worker. 0 = the vision tower runs inside the model actors.")
     max_actor_restarts: int = Field(3, ge=-1, description="Restarts of a crashed actor (its batch is retried on the replacement); -1 = unlimited.")
 
     # --- decode limits ------------------------------------------------------------------------

@@ -4,6 +4,8 @@ Ray Data keeps several batches in flight per actor (`batches_in_flight`); each `
 submits its items to the actor's engine and awaits them, so the engine decodes the sequences of
 all those batches together and refills a finished sequence's place at once, while Ray Data's
 batches stay small and rows keep streaming to the sink. Rows that are not `ok` pass through.
+With `expert_parallel_size: N` the actor holds no model itself: it leads a group of N rank actors
+(pipeline/ep_group.py) and spreads its items over their engines.
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 # Test hook: path of a marker file; the first model actor to find it missing creates it and dies,
 # which exercises actor restart + batch retry (set on the driver; see run.py).
 CRASH_ENV = "PAGEMILL_TEST_CRASH_MODEL_ONCE"
+# Test hook: the same for the last rank of an expert-parallel group, dying on its first item (ep_group.py).
+CRASH_RANK_ENV = "PAGEMILL_TEST_CRASH_EP_RANK_ONCE"
 
 
 def pick_device(requested: str) -> torch.device:
@@ -76,16 +80,24 @@ def batches_in_flight(config: JobConfig, gpu: bool) -> int:
 class Generate:
     """Ray Data class UDF. `__call__` is a coroutine, so Ray runs several on one actor at once."""
 
-    def __init__(self, config: JobConfig, model_path: str, crash_marker: str | None = None) -> None:
-        from model import Engine, SamplingParams, load_pretrained, resolve_checkpoint
+    def __init__(self, config: JobConfig, model_path: str, crash_marker: str | None = None,
+                 rank_gpus: float = 0.0, rank_crash_marker: str | None = None) -> None:
+        from model import Engine, SamplingParams, load_pretrained, load_processor, resolve_checkpoint
 
-        self.device = pick_device(config.device)
-        if self.device.type == "cpu":
-            torch.set_num_threads(config.model_threads or max(1, int(config.cpus_per_model_worker)))
-        self.dtype = pick_dtype(config.dtype, self.device)
-        self.model, self.processor = load_pretrained(model_path, device=str(self.device), dtype=self.dtype)
+        self.group = self.engine = None
+        if config.expert_parallel_size > 1:
+            from pipeline.ep_group import Group
+
+            self.processor = load_processor(model_path)
+            self.group = Group(config, model_path, rank_gpus, rank_crash_marker)
+        else:
+            self.device = pick_device(config.device)
+            if self.device.type == "cpu":
+                torch.set_num_threads(config.model_threads or max(1, int(config.cpus_per_model_worker)))
+            self.dtype = pick_dtype(config.dtype, self.device)
+            self.model, self.processor = load_pretrained(model_path, device=str(self.device), dtype=self.dtype)
+            self.engine = Engine(self.model, self.processor, **engine_limits(config)).start()
         self.revision = config.model_revision or checkpoint_fingerprint(resolve_checkpoint(model_path))
-        self.engine = Engine(self.model, self.processor, **engine_limits(config)).start()
         self.params = SamplingParams(
             max_new_tokens=config.max_new_tokens, temperature=config.temperature, top_p=config.top_p,
             repetition_penalty=config.repetition_penalty, no_repeat_ngram_size=config.no_repeat_ngram_size,
@@ -123,9 +135,14 @@ class Generate:
         from model import Result
 
         try:
-            prep = self.processor.unpack(unpack_arrays(batch["prep"][i]))
             params = self.params.model_copy(update={"seed": item_seed(self.seed, str(batch["id"][i]))})
-            return await asyncio.wrap_future(self.engine.submit(prep, params))
+            if self.group is not None:
+                return await self.group.run(batch["prep"][i], params)
+            arrays = unpack_arrays(batch["prep"][i])
+            rows = arrays.pop("image_rows", None)  # from a vision worker (pipeline/vision.py)
+            prep = self.processor.unpack(arrays)
+            rows = torch.from_numpy(np.array(rows)) if rows is not None else None
+            return await asyncio.wrap_future(self.engine.submit(prep, params, rows))
         except Exception as e:  # noqa: BLE001 - one bad item is one error row
             return Result([], "error", f"generation failed: {type(e).__name__}: {e}")
 

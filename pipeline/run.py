@@ -19,7 +19,7 @@ from connectors.s3 import S3Options
 from connectors.sinks import open_sink
 from pipeline.checkpoint import resolve_model
 from pipeline.config import JobConfig
-from pipeline.generate import CRASH_ENV, Generate, batches_in_flight
+from pipeline.generate import CRASH_ENV, CRASH_RANK_ENV, Generate, batches_in_flight
 from pipeline.outputs import RunOutputs
 from pipeline.postprocess import postprocess
 from pipeline.preflight import preflight_inputs, preflight_outputs
@@ -113,16 +113,33 @@ def _model_stages(ds: Any, config: JobConfig, model_path: str, done: DoneSet | f
         **restarts,
     )
     gpus = _gpus_per_worker(config)
+    if config.vision_workers:
+        from pipeline.vision import EncodeImages
+
+        ds = ds.map_batches(
+            EncodeImages,
+            fn_constructor_kwargs=dict(config=config, model_path=model_path),
+            batch_size=config.model_batch_size,
+            compute=ActorPoolStrategy(size=config.vision_workers),
+            num_gpus=gpus,
+            num_cpus=config.cpus_per_model_worker,
+            batch_format="numpy",
+            **restarts,
+        )
     # Several batches in flight per actor, all feeding the actor's one engine (Generate is async).
     in_flight = batches_in_flight(config, gpu=gpus > 0)
+    # Expert parallelism: the Ray Data actor only leads its group of rank actors, which hold the
+    # replica's CPUs and GPUs in their own placement group (pipeline/ep_group.py).
+    ep = config.expert_parallel_size > 1
     ds = ds.map_batches(
         Generate,
-        fn_constructor_kwargs=dict(config=config, model_path=model_path, crash_marker=os.environ.get(CRASH_ENV)),
+        fn_constructor_kwargs=dict(config=config, model_path=model_path, crash_marker=os.environ.get(CRASH_ENV),
+                                   rank_gpus=gpus, rank_crash_marker=os.environ.get(CRASH_RANK_ENV)),
         batch_size=config.model_batch_size,
         compute=ActorPoolStrategy(min_size=config.num_model_workers_min, max_size=config.num_model_workers_max,
                                   max_tasks_in_flight_per_actor=in_flight, max_concurrent_calls_per_actor=in_flight),
-        num_gpus=gpus,
-        num_cpus=config.cpus_per_model_worker,
+        num_gpus=0 if ep else gpus,
+        num_cpus=0 if ep else config.cpus_per_model_worker,
         batch_format="numpy",
         **restarts,
     )

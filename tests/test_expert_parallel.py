@@ -286,15 +286,19 @@ def test_ep_bench_reports_traffic(tmp_path):
     """bench/ep_bench.py end to end on 1 and 2 gloo ranks: measured shares and bytes are consistent."""
     out = tmp_path / "ep.json"
     repo = Path(__file__).resolve().parents[1]
-    subprocess.run([sys.executable, str(repo / "bench" / "ep_bench.py"), "--world", "1", "2", "--batch", "2",
-                    "--prompt", "8", "--new-tokens", "3", "--repeats", "1", "--json", str(out)],
-                   check=True, timeout=RUN_TIMEOUT_S, capture_output=True)
+    proc = subprocess.run([sys.executable, str(repo / "bench" / "ep_bench.py"), "--world", "1", "2", "--batch", "2",
+                    "--prompt", "8", "--new-tokens", "3", "--repeats", "1", "--engine", "--json", str(out)],
+                   timeout=RUN_TIMEOUT_S, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-4000:]
     report = json.loads(out.read_text())
     one, two = report["runs"]["1"], report["runs"]["2"]
     assert one["decode_bytes_sent_per_step"] == 0 and two["decode_bytes_sent_per_step"] > 0
     assert 0 < two["a2a_share_decode"] < 1 and 0 < two["a2a_share_prefill"] < 1
     assert 0 < two["decode_off_rank_share"] < 1
     assert two["expert_param_bytes_per_rank"] * 2 == one["expert_param_bytes_per_rank"]
+    # the engine mode: one prefill step and two decode steps per run, all-to-all a share of its wall time
+    assert one["engine_steps"] == two["engine_steps"] == 3
+    assert 0 < two["engine_a2a_share"] < 1 and two["engine_tokens_per_s"] > 0
     rows = report["projection"]["variants"]["base"]["450GB/s"]
     assert [r["world"] for r in rows] == [2, 4, 8] and rows[0]["share_measured"] and not rows[2]["share_measured"]
     assert rows[0]["bytes_per_decode_step"] < rows[1]["bytes_per_decode_step"] < rows[2]["bytes_per_decode_step"]
