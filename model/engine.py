@@ -34,10 +34,10 @@ from typing import Sequence
 
 import torch
 
-from .kv_cache import BlockAllocator, CachePlan, PagedKVCache, plan_cache
+from .kv_cache import BlockAllocator, CachePlan, PagedKVCache, contiguous, plan_cache
 from .model import _real
 from .processor import PreparedInput
-from .runner import DecodeGroup, Prefill, StepBatch, decode_groups, forward_step
+from .runner import DecodeGroup, InPlace, Prefill, StepBatch, decode_groups, forward_step
 from .sampling import SamplingParams, banned_by_ngram, new_generator, sample
 
 
@@ -95,6 +95,7 @@ class Engine:
         vision_chunk: int | None = None,
         max_context: int | None = None,
         decode_waste: float = 0.25,
+        in_place_decode: bool | None = None,
     ):
         self.model = model
         self.processor = processor
@@ -114,6 +115,10 @@ class Engine:
         self.cache = PagedKVCache(shapes, self.plan.num_blocks, self.block_size, self.device, self.dtype)
         self.blocks = BlockAllocator(self.plan.num_blocks)
         self.decode_waste = decode_waste
+        # CPU: a decode token whose sequence's cache is contiguous attends to it in place, one SDPA call
+        # per sequence (reads the cache once; a batched call over a gathered copy reads it three times).
+        # CUDA: grouped calls over gathered blocks (one launch per group) until a paged kernel reads in place.
+        self.in_place_decode = self.device.type == "cpu" if in_place_decode is None else in_place_decode
         self._seen: torch.Tensor | None = None  # [max_seqs, vocab] bool, made on first use
         self._free_rows = list(range(self.plan.max_seqs - 1, -1, -1))
         self._queue: collections.deque[_Sequence] = collections.deque()
@@ -360,7 +365,10 @@ class Engine:
             if s.cached:
                 kv = s.cached + n
                 nb = math.ceil(kv / bs)
-                p.blocks = torch.tensor([s.blocks[:nb]], device=dev)
+                if contiguous(s.blocks):
+                    p.view_start = s.blocks[0] * bs
+                else:
+                    p.blocks = torch.tensor([s.blocks[:nb]], device=dev)
                 qpos = torch.arange(s.cached, kv, device=dev)[:, None]
                 p.mask = (torch.arange(kv, device=dev)[None] <= qpos)[None, None]
             prefills.append(p)
@@ -370,20 +378,25 @@ class Engine:
         if decoding:
             last = torch.tensor([s.tokens[-1] for s in decoding], device=dev)
             pieces.append(self.model.language.model.embed_tokens(last).to(self.dtype))
-        groups = []
-        lengths = []
+        groups, in_place = [], []
+        lengths, gathered = [], []
         for i, s in enumerate(decoding):
             pos = s.prompt_len + len(s.tokens) - 1  # the position of the token being fed
             positions.append(pos)
             slots.extend(self._slots(s, pos, 1))
-            lengths.append(pos + 1)
             emit.append((s, row + i))
-        for g in decode_groups(lengths, self.decode_waste) if decoding else []:
+            if self.in_place_decode and contiguous(s.blocks):
+                in_place.append(InPlace(row=row + i, start=s.blocks[0] * bs, length=pos + 1))
+            else:
+                lengths.append(pos + 1)
+                gathered.append(i)
+        for g in decode_groups(lengths, self.decode_waste) if lengths else []:
             nb = math.ceil(max(lengths[i] for i in g) / bs)
-            table = [decoding[i].blocks[:nb] + [0] * (nb - len(decoding[i].blocks[:nb])) for i in g]
+            table = [decoding[gathered[i]].blocks[:nb] + [0] * (nb - len(decoding[gathered[i]].blocks[:nb]))
+                     for i in g]
             lens = torch.tensor([lengths[i] for i in g], device=dev)
             mask = (torch.arange(nb * bs, device=dev)[None] < lens[:, None])[:, None, None]
-            groups.append(DecodeGroup(rows=torch.tensor([row + i for i in g], device=dev),
+            groups.append(DecodeGroup(rows=torch.tensor([row + gathered[i] for i in g], device=dev),
                                       blocks=torch.tensor(table, device=dev), mask=mask))
         step = StepBatch(
             embeds=torch.cat(pieces).to(self.dtype),
@@ -391,6 +404,7 @@ class Engine:
             slots=torch.tensor(slots, device=dev),
             prefills=prefills,
             decodes=groups,
+            in_place=in_place,
             logit_rows=torch.tensor([r for _, r in emit], device=dev, dtype=torch.long),
         )
         logits = forward_step(self.model.language, step, self.cache)

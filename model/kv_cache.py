@@ -13,25 +13,45 @@ import math
 import os
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 
 class BlockAllocator:
+    """Free blocks as a mask. A reservation takes one contiguous run of blocks when there is one (first
+    fit), so a sequence's cache is usually one slice of the pool that attention can read in place."""
+
     def __init__(self, num_blocks: int):
         self.num_blocks = num_blocks
-        self._free = list(range(num_blocks - 1, -1, -1))
+        self._free = np.ones(num_blocks, dtype=bool)
+        self._count = num_blocks
 
     @property
     def free(self) -> int:
-        return len(self._free)
+        return self._count
 
     def allocate(self, n: int) -> list[int]:
-        if n > len(self._free):
-            raise MemoryError(f"{n} cache blocks wanted, {len(self._free)} free")
-        return [self._free.pop() for _ in range(n)]
+        if n > self._count:
+            raise MemoryError(f"{n} cache blocks wanted, {self._count} free")
+        # runs of free blocks: starts where free begins, ends where it stops
+        edges = np.diff(np.concatenate(([0], self._free.view(np.int8), [0])))
+        starts, ends = np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)
+        fit = np.flatnonzero(ends - starts >= n)
+        if fit.size:
+            blocks = np.arange(starts[fit[0]], starts[fit[0]] + n)
+        else:  # fragmented: any free blocks (attention then gathers them)
+            blocks = np.flatnonzero(self._free)[:n]
+        self._free[blocks] = False
+        self._count -= n
+        return blocks.tolist()
 
     def release(self, blocks: list[int]) -> None:
-        self._free.extend(reversed(blocks))
+        self._free[blocks] = True
+        self._count += len(blocks)
+
+
+def contiguous(blocks: list[int]) -> bool:
+    return bool(blocks) and blocks[-1] - blocks[0] == len(blocks) - 1
 
 
 class PagedKVCache:
@@ -48,6 +68,10 @@ class PagedKVCache:
         """entries[j] [N, *entry] into flat slots [N] (slot = block * block_size + offset)."""
         for cache, e in zip(self.layers[layer], entries):
             cache.view(-1, *cache.shape[2:]).index_copy_(0, slots, e.to(cache.dtype))
+
+    def view(self, layer: int, start: int, length: int) -> tuple[torch.Tensor, ...]:
+        """Slots [start, start + length) of a contiguous reservation, in place: per entry [1, length, *entry]."""
+        return tuple(c.view(-1, *c.shape[2:])[start : start + length][None] for c in self.layers[layer])
 
     def gather(self, layer: int, blocks: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """blocks [G, nb] -> per entry [G, nb * block_size, *entry] (the sequences' tokens in order)."""

@@ -129,11 +129,15 @@ class MHAttention(nn.Module):
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask=None, is_causal: bool = False):
         """q [B,H,q,D]; k, v [B,kv_heads,kv,D] -> attention output projected [B,q,hidden]."""
+        return self.o_proj(self.core(q, k, v, mask, is_causal))
+
+    def core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask=None, is_causal: bool = False):
+        """Attention before o_proj: [B, q, heads * D] (the engine projects all its pieces at once)."""
         if self.kv_heads != self.heads:
             k = k.repeat_interleave(self.heads // self.kv_heads, dim=1)
             v = v.repeat_interleave(self.heads // self.kv_heads, dim=1)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=self.head_dim**-0.5)
-        return self.o_proj(y.transpose(1, 2).reshape(q.shape[0], q.shape[2], -1))
+        return y.transpose(1, 2).reshape(q.shape[0], q.shape[2], -1)
 
     # the engine's paged cache stores one entry per token: k and v, each [kv_heads, D]
     def entry_shapes(self) -> tuple[tuple[int, ...], ...]:
@@ -212,7 +216,11 @@ class MLAttention(nn.Module):
         return torch.cat([q_lat, q_pe], dim=-1), (latent, k_pe)
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask=None, is_causal: bool = False):
-        """q [B,H,q,rank+rope]; k [B,1,kv,rank+rope]; v [B,1,kv,rank] (one latent head shared by all).
+        """q [B,H,q,rank+rope]; k [B,1,kv,rank+rope]; v [B,1,kv,rank] -> projected [B,q,hidden]."""
+        return self.o_proj(self.core(q, k, v, mask, is_causal))
+
+    def core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask=None, is_causal: bool = False):
+        """Attention before o_proj, [B, q, heads * v_dim]; k, v: one latent head shared by all.
 
         The latent is one key/value head for every query head (MQA), so the heads fold into the
         query rows of one matmul: the cache is read once, never expanded per head (SDPA would
@@ -228,7 +236,7 @@ class MLAttention(nn.Module):
         y = torch.matmul(p.view(b, h * q_len, kv), v[:, 0]).view(b, h, q_len, -1)
         w = self.kv_b_proj.weight.view(self.heads, self.nope + self.v_dim, self.rank)
         y = y @ w[:, self.nope :].transpose(1, 2)  # [B,H,q,v_dim]
-        return self.o_proj(y.transpose(1, 2).reshape(b, q.shape[2], -1))
+        return y.transpose(1, 2).reshape(b, q.shape[2], -1)
 
     # the engine's paged cache stores one entry per token: the latent [rank] and the roped k_pe [rope]
     def entry_shapes(self) -> tuple[tuple[int, ...], ...]:

@@ -20,8 +20,18 @@ class Prefill:
     row: int  # first packed row of the chunk
     n: int  # tokens in the chunk
     start: int  # cache position of the chunk's first token
-    blocks: torch.Tensor | None = None  # [1, nb] the sequence's blocks, when start > 0
+    blocks: torch.Tensor | None = None  # [1, nb] the sequence's blocks, when start > 0 (None: `view_start`)
+    view_start: int | None = None  # first slot, when the sequence's cache is contiguous
     mask: torch.Tensor | None = None  # [1, 1, n, start + n] lower-right causal, when start > 0
+
+
+@dataclass
+class InPlace:
+    """A decode token whose sequence's cache is one contiguous run of slots: attention reads it in place."""
+
+    row: int
+    start: int  # first slot of the sequence's reservation
+    length: int  # cached tokens, this one included
 
 
 @dataclass
@@ -38,6 +48,7 @@ class StepBatch:
     slots: torch.Tensor  # [N] flat cache slot of each token
     prefills: list[Prefill] = field(default_factory=list)
     decodes: list[DecodeGroup] = field(default_factory=list)
+    in_place: list[InPlace] = field(default_factory=list)
     logit_rows: torch.Tensor | None = None  # [S] rows whose next-token logits are wanted
 
 
@@ -60,25 +71,32 @@ def decode_groups(lengths: list[int], max_waste: float = 0.25) -> list[list[int]
 
 def _attention(attn, x: torch.Tensor, positions: torch.Tensor, step: StepBatch, cache: PagedKVCache,
                layer: int) -> torch.Tensor:
-    """x [1, N, hidden] -> attention output [1, N, hidden]."""
+    """x [1, N, hidden] -> attention output [1, N, hidden] (one o_proj over all pieces)."""
     q, entries = attn.project(x, positions)  # q [1, H, N, d]
     tok = attn.token_entries(entries)  # per-token rows [N, ...]
     cache.write(layer, step.slots, tok)
-    out = torch.empty_like(x[0])
+    out = x.new_empty(x.shape[1], attn.o_proj.in_features)
     for p in step.prefills:
         qs = q[:, :, p.row : p.row + p.n]
         if p.start == 0:
             k, v = attn.kv_from_tokens(tuple(e[p.row : p.row + p.n][None] for e in tok))
-            y = attn.attend(qs, k, v, is_causal=True)
+            y = attn.core(qs, k, v, is_causal=True)
         else:
-            k, v = attn.kv_from_tokens(tuple(e[:, : p.start + p.n] for e in cache.gather(layer, p.blocks)))
-            y = attn.attend(qs, k, v, mask=p.mask)
+            if p.view_start is not None:
+                cached = cache.view(layer, p.view_start, p.start + p.n)
+            else:
+                cached = tuple(e[:, : p.start + p.n] for e in cache.gather(layer, p.blocks))
+            k, v = attn.kv_from_tokens(cached)
+            y = attn.core(qs, k, v, mask=p.mask)
         out[p.row : p.row + p.n] = y[0]
+    for d in step.in_place:
+        k, v = attn.kv_from_tokens(cache.view(layer, d.start, d.length))
+        out[d.row] = attn.core(q[:, :, d.row : d.row + 1], k, v)[0, 0]
     for g in step.decodes:
         qs = q[0][:, g.rows].transpose(0, 1)[:, :, None]  # [G, H, 1, d]
         k, v = attn.kv_from_tokens(cache.gather(layer, g.blocks))
-        out[g.rows] = attn.attend(qs, k, v, mask=g.mask)[:, 0]
-    return out[None]
+        out[g.rows] = attn.core(qs, k, v, mask=g.mask)[:, 0]
+    return attn.o_proj(out)[None]
 
 
 def forward_step(language, step: StepBatch, cache: PagedKVCache) -> torch.Tensor:

@@ -62,15 +62,22 @@ def test_mixed_workload_equals_generate_alone(loaded):
     lengths = {len(p) for p, _ in items}
     assert len(lengths) == 5 and min(lengths) < 60 and max(lengths) > 1400
     want = [oracle(model, processor, prep, p) for prep, p in items]
-    # a small step budget: long prompts are prefilled in chunks, mixed with other requests' decode steps
-    engine = Engine(model, processor, kv_cache_tokens=16384, max_step_tokens=256, max_seqs=8)
-    results = engine.generate([p for p, _ in items], [p for _, p in items])
+    # a small step budget: long prompts are prefilled in chunks, mixed with other requests' decode steps;
+    # decode attention both in place (CPU default) and over gathered blocks (the CUDA path)
+    for in_place in (True, False):
+        engine = Engine(model, processor, kv_cache_tokens=16384, max_step_tokens=256, max_seqs=8,
+                        in_place_decode=in_place)
+        results = engine.generate([p for p, _ in items], [p for _, p in items])
+        check_results(name, items, results, want)
+        assert engine.stats["steps"] > 0 and engine.blocks.free == engine.plan.num_blocks  # every block returned
+
+
+def check_results(name, items, results, want):
     for (prep, p), r, w in zip(items, results, want):
         assert r.finish_reason in ("length", "eos") and r.error is None
         assert r.tokens == w, (name, len(prep), p)
         assert r.finish_reason == ("length" if len(w) == p.max_new_tokens else "eos")
         assert r.prompt_tokens == len(prep)
-    assert engine.stats["steps"] > 0 and engine.blocks.free == engine.plan.num_blocks  # every block returned
 
 
 def test_requests_submitted_while_others_decode(loaded):
@@ -215,3 +222,26 @@ def test_memory_plan(fixtures_dir):
     assert engine.cache.layers[0][0].shape == (engine.plan.num_blocks, 16, cfg.kv_lora_rank)
     auto = Engine(model, processor)  # planned from the host's available memory
     assert auto.plan.tokens >= 4096 and auto.plan.max_step_tokens >= auto.plan.max_seqs
+
+
+def test_fragmented_cache_gives_the_same_tokens(fixtures_dir):
+    """Reservations are contiguous runs when the pool has one (attention reads them in place); in a
+    fragmented pool a reservation takes scattered blocks and attention gathers them: same tokens."""
+    from model.kv_cache import BlockAllocator, contiguous
+
+    a = BlockAllocator(10)
+    first, second = a.allocate(4), a.allocate(3)
+    assert first == [0, 1, 2, 3] and second == [4, 5, 6] and contiguous(first)
+    a.release(first)
+    assert a.allocate(5) == [0, 1, 2, 3, 7]  # no free run of 5: scattered
+    model, processor = load_pretrained(fixtures_dir / "small_mla-seed1")
+    cases = load_cases(fixtures_dir / "small_mla-seed1.golden.npz")
+    prep = processor.prepare(cases["grounding_ref"]["conversation"], cases["grounding_ref"]["images"])
+    sp = SamplingParams(max_new_tokens=8)
+    engine = Engine(model, processor, kv_cache_tokens=16 * 400, block_size=16, max_step_tokens=512)
+    hold = engine.blocks.allocate(engine.plan.num_blocks)
+    engine.blocks.release(hold[::2])  # every other block free: no run of two
+    scattered = engine.blocks.free
+    r = engine.generate([prep], sp)[0]
+    assert engine.stats["steps"] > 1 and engine.blocks.free == scattered
+    assert r.tokens == oracle(model, processor, prep, sp)
