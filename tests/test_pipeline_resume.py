@@ -52,7 +52,8 @@ def test_done_set_of_many_ids_is_20_bytes_each_and_pickles_small_with_ray(tmp_pa
     try:
         blob = pickle.dumps(done)  # with Ray: a handle to one object-store copy
         assert len(blob) < 10_000
-        probe = ray.remote(lambda d, k: (k in d, len(d), d._array().flags.writeable))
+        # no CPU: a session-wide Ray of other tests may have every CPU held by its actors
+        probe = ray.remote(num_cpus=0)(lambda d, k: (k in d, len(d), d._array().flags.writeable))
         assert ray.get(probe.remote(done, _hex(7919 * 12345) + ":img")) == (True, n, False)  # read-only: shared
     finally:
         if started:
