@@ -33,16 +33,8 @@ from model import Engine, SamplingParams, load_pretrained  # noqa: E402
 from model import bench as model_bench  # noqa: E402
 from model.smoke import write_smoke_checkpoint  # noqa: E402
 
-
-def _free(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-
-
-def _agree(got: list[int], want: list[int]) -> int:
-    return next((k for k, (a, b) in enumerate(zip(got, want)) if a != b), min(len(got), len(want)))
+sys.path.insert(0, str(REPO / "bench"))
+from gpu_check import _agree, _free  # noqa: E402
 
 
 def engine_vs_generate(fixture: Path, device: str, dtype: torch.dtype, n: int = 8) -> dict:
