@@ -37,7 +37,7 @@ import torch
 from .kv_cache import BlockAllocator, CachePlan, PagedKVCache, contiguous, plan_cache
 from .model import _real
 from .processor import PreparedInput
-from .runner import DecodeGroup, InPlace, Prefill, StepBatch, decode_groups, forward_step
+from .runner import DecodeGroup, InPlace, Prefill, StepBatch, decode_groups, forward_step, strided_runs
 from .sampling import SamplingParams, banned_by_ngram, new_generator, sample
 
 
@@ -380,16 +380,18 @@ class Engine:
             pieces.append(self.model.language.model.embed_tokens(last).to(self.dtype))
         groups, in_place = [], []
         lengths, gathered = [], []
+        here = []  # (row, first slot, cached length) of the tokens read in place
         for i, s in enumerate(decoding):
             pos = s.prompt_len + len(s.tokens) - 1  # the position of the token being fed
             positions.append(pos)
             slots.extend(self._slots(s, pos, 1))
             emit.append((s, row + i))
             if self.in_place_decode and contiguous(s.blocks):
-                in_place.append(InPlace(row=row + i, start=s.blocks[0] * bs, length=pos + 1))
+                here.append((row + i, s.blocks[0] * bs, pos + 1))
             else:
                 lengths.append(pos + 1)
                 gathered.append(i)
+        in_place = self._in_place_groups(here)
         for g in decode_groups(lengths, self.decode_waste) if lengths else []:
             nb = math.ceil(max(lengths[i] for i in g) / bs)
             table = [decoding[gathered[i]].blocks[:nb] + [0] * (nb - len(decoding[gathered[i]].blocks[:nb]))
@@ -437,6 +439,26 @@ class Engine:
             if len(s.tokens) >= s.params.max_new_tokens:
                 self._finish(s, "length")
         return len(positions)
+
+    def _in_place_groups(self, here: list[tuple[int, int, int]]) -> list[InPlace]:
+        """Decode tokens read in place, grouped into evenly spaced runs (one strided view each)."""
+        dev, pool = self.device, self.plan.tokens
+        out = []
+        runs = strided_runs([h[1] for h in here], [h[2] for h in here], self.decode_waste) if here else []
+        for run in runs:
+            members = [here[i] for i in run]
+            while len(members) > 1 and members[-1][1] + max(m[2] for m in members) > pool:
+                runs.append([run[len(members) - 1]])  # the view would run past the pool: read it alone
+                members.pop()
+            rows, start, length = [m[0] for m in members], members[0][1], max(m[2] for m in members)
+            stride = members[1][1] - start if len(members) > 1 else 0
+            mask = None
+            if any(m[2] != length for m in members):
+                lens = torch.tensor([m[2] for m in members], device=dev)
+                mask = (torch.arange(length, device=dev)[None] < lens[:, None])[:, None, None]
+            out.append(InPlace(rows=torch.tensor(rows, device=dev), start=start, stride=stride, length=length,
+                               mask=mask))
+        return out
 
     def _finish(self, s: _Sequence, reason: str, error: str | None = None) -> None:
         if s in self._running:

@@ -1,7 +1,7 @@
 """The engine's KV cache: fixed-size blocks preallocated once, handed to sequences by block tables.
 
-Per layer it holds one tensor per cache entry, shaped [num_blocks, block_size, *entry]: for MHA
-(tiny) the key and the value [kv_heads, head_dim]; for MLA (small, base) the normalised latent
+Per layer it holds one tensor per cache entry, indexed by slot (block * block_size + offset): for MHA
+(tiny) the key and the value [kv_heads, head_dim] (stored head-major); for MLA (small, base) the normalised latent
 [kv_lora_rank] and the shared roped key [qk_rope_head_dim], i.e. kv_lora_rank + qk_rope_head_dim
 values per token. A sequence reserves every block it can ever need (prompt + max_new_tokens)
 when it is admitted, so a running sequence never waits for memory and nothing is ever preempted;
@@ -55,27 +55,53 @@ def contiguous(blocks: list[int]) -> bool:
 
 
 class PagedKVCache:
+    """Per layer one tensor per cache entry, slot-indexed (slot = block * block_size + offset). An entry
+    with heads, [kv_heads, D], is stored head-major, [kv_heads, slots, D]: a sequence's keys of one head
+    are then one contiguous run, which attention in place reads at memory speed (token-major, each head's
+    rows are strided by the other heads'); an entry without, [rank], is stored [slots, rank]."""
+
     def __init__(self, entry_shapes: list[tuple[tuple[int, ...], ...]], num_blocks: int, block_size: int,
                  device: torch.device, dtype: torch.dtype):
         self.block_size = block_size
         self.num_blocks = num_blocks
+        slots = num_blocks * block_size
         self.layers = [
-            tuple(torch.zeros(num_blocks, block_size, *shape, device=device, dtype=dtype) for shape in shapes)
+            tuple(torch.zeros(*shape[:-1], slots, shape[-1], device=device, dtype=dtype) for shape in shapes)
             for shapes in entry_shapes
         ]
 
+    @staticmethod
+    def _token_major(c: torch.Tensor) -> torch.Tensor:
+        """The storage as a (strided) view [slots, *entry]."""
+        return c.movedim(c.dim() - 2, 0)
+
     def write(self, layer: int, slots: torch.Tensor, entries: tuple[torch.Tensor, ...]) -> None:
-        """entries[j] [N, *entry] into flat slots [N] (slot = block * block_size + offset)."""
+        """entries[j] [N, *entry] into flat slots [N]."""
         for cache, e in zip(self.layers[layer], entries):
-            cache.view(-1, *cache.shape[2:]).index_copy_(0, slots, e.to(cache.dtype))
+            cache.index_copy_(cache.dim() - 2, slots, e.movedim(0, e.dim() - 2).to(cache.dtype))
 
     def view(self, layer: int, start: int, length: int) -> tuple[torch.Tensor, ...]:
         """Slots [start, start + length) of a contiguous reservation, in place: per entry [1, length, *entry]."""
-        return tuple(c.view(-1, *c.shape[2:])[start : start + length][None] for c in self.layers[layer])
+        return tuple(self._token_major(c)[start : start + length][None] for c in self.layers[layer])
+
+    def strided(self, layer: int, start: int, stride: int, count: int, length: int) -> tuple[torch.Tensor, ...]:
+        """`count` reservations starting every `stride` slots from `start`, `length` slots each, in place:
+        per entry [count, length, *entry] (one view; rows may overlap, which reading allows)."""
+        out = []
+        for c in self.layers[layer]:
+            tm = self._token_major(c)
+            if start + (count - 1) * stride + length > tm.shape[0]:
+                raise IndexError(f"slots {start}..+{(count - 1) * stride + length} past the pool's {tm.shape[0]}")
+            s0, *rest = tm.stride()
+            out.append(tm.as_strided((count, length, *tm.shape[1:]), (stride * s0, s0, *rest),
+                                     tm.storage_offset() + start * s0))
+        return tuple(out)
 
     def gather(self, layer: int, blocks: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """blocks [G, nb] -> per entry [G, nb * block_size, *entry] (the sequences' tokens in order)."""
-        return tuple(c[blocks].flatten(1, 2) for c in self.layers[layer])
+        offsets = torch.arange(self.block_size, device=blocks.device)
+        slots = (blocks[..., None] * self.block_size + offsets).flatten(1)
+        return tuple(self._token_major(c)[slots] for c in self.layers[layer])
 
 
 def bytes_per_token(entry_shapes: list[tuple[tuple[int, ...], ...]], dtype: torch.dtype) -> int:

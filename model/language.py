@@ -230,8 +230,10 @@ class MLAttention(nn.Module):
         scores = torch.matmul(q.reshape(b, h * q_len, d), k[:, 0].transpose(1, 2)).view(b, h, q_len, kv)
         if is_causal:
             mask = torch.ones(q_len, kv, dtype=torch.bool, device=q.device).tril(kv - q_len)
-        if mask is not None:
+        if mask is not None and mask.dtype == torch.bool:
             scores = scores.masked_fill(~mask, float("-inf"))
+        elif mask is not None:  # additive (0 / -inf)
+            scores = scores + mask
         p = (scores.float() * self.scale).softmax(-1).to(q.dtype)
         y = torch.matmul(p.view(b, h * q_len, kv), v[:, 0]).view(b, h, q_len, -1)
         w = self.kv_b_proj.weight.view(self.heads, self.nope + self.v_dim, self.rank)

@@ -4,7 +4,9 @@ Every linear layer and the MoE see the packed tokens (no padding). Attention run
 a prefill chunk attends causally to its own sequence (`is_causal` on the fresh keys when it is
 the sequence's first chunk, the cached prefix plus a lower-right causal mask otherwise), and
 the decode tokens attend in groups of similar cached length, each group padded only to its own
-longest member, so no sequence is padded to the batch's longest.
+longest member, so no sequence is padded to the batch's longest. A group reads its sequences'
+caches in place when they are evenly spaced contiguous runs (`InPlace`, one strided view), else
+it gathers their blocks (`DecodeGroup`).
 """
 from __future__ import annotations
 
@@ -22,16 +24,20 @@ class Prefill:
     start: int  # cache position of the chunk's first token
     blocks: torch.Tensor | None = None  # [1, nb] the sequence's blocks, when start > 0 (None: `view_start`)
     view_start: int | None = None  # first slot, when the sequence's cache is contiguous
-    mask: torch.Tensor | None = None  # [1, 1, n, start + n] lower-right causal, when start > 0
+    mask: torch.Tensor | None = None  # [1, 1, n, start + n] lower-right causal, when start > 0 (bool, or
+    # additive 0/-inf as `forward_step` makes it)
 
 
 @dataclass
 class InPlace:
-    """A decode token whose sequence's cache is one contiguous run of slots: attention reads it in place."""
+    """Decode tokens whose sequences' caches are contiguous runs starting every `stride` slots from
+    `start` (equal reservations side by side): attention reads them in place, as one strided view."""
 
-    row: int
-    start: int  # first slot of the sequence's reservation
-    length: int  # cached tokens, this one included
+    rows: torch.Tensor  # [G] packed rows of the tokens, in slot order
+    start: int  # first slot of the first sequence's reservation
+    stride: int  # slots from one sequence's reservation to the next's
+    length: int  # the longest sequence's cached tokens, this step's included
+    mask: torch.Tensor | None = None  # [G, 1, 1, length] True at each sequence's real positions; None: all
 
 
 @dataclass
@@ -69,6 +75,23 @@ def decode_groups(lengths: list[int], max_waste: float = 0.25) -> list[list[int]
     return groups
 
 
+def strided_runs(starts: list[int], lengths: list[int], max_waste: float = 0.25) -> list[list[int]]:
+    """Indices grouped into runs that one strided view can read: sorted by start, each run's starts
+    evenly spaced (one stride) and its padded length wasting at most `max_waste` of its real tokens."""
+    order = sorted(range(len(starts)), key=starts.__getitem__)
+    runs: list[list[int]] = []
+    for i in order:
+        if runs:
+            r = runs[-1]
+            stride_ok = len(r) == 1 or starts[i] - starts[r[-1]] == starts[r[1]] - starts[r[0]]
+            longest = max(lengths[j] for j in r + [i])
+            if stride_ok and longest * (len(r) + 1) <= (1 + max_waste) * sum(lengths[j] for j in r + [i]):
+                r.append(i)
+                continue
+        runs.append([i])
+    return runs
+
+
 def _attention(attn, x: torch.Tensor, positions: torch.Tensor, step: StepBatch, cache: PagedKVCache,
                layer: int) -> torch.Tensor:
     """x [1, N, hidden] -> attention output [1, N, hidden] (one o_proj over all pieces)."""
@@ -90,8 +113,9 @@ def _attention(attn, x: torch.Tensor, positions: torch.Tensor, step: StepBatch, 
             y = attn.core(qs, k, v, mask=p.mask)
         out[p.row : p.row + p.n] = y[0]
     for d in step.in_place:
-        k, v = attn.kv_from_tokens(cache.view(layer, d.start, d.length))
-        out[d.row] = attn.core(q[:, :, d.row : d.row + 1], k, v)[0, 0]
+        k, v = attn.kv_from_tokens(cache.strided(layer, d.start, d.stride, len(d.rows), d.length))
+        qs = q[0][:, d.rows].transpose(0, 1)[:, :, None]  # [G, H, 1, d]
+        out[d.rows] = attn.core(qs, k, v, mask=d.mask)[:, 0]
     for g in step.decodes:
         qs = q[0][:, g.rows].transpose(0, 1)[:, :, None]  # [G, H, 1, d]
         k, v = attn.kv_from_tokens(cache.gather(layer, g.blocks))
@@ -99,8 +123,18 @@ def _attention(attn, x: torch.Tensor, positions: torch.Tensor, step: StepBatch, 
     return attn.o_proj(out)[None]
 
 
+def _additive(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """A boolean mask as SDPA's additive one (0 / -inf), made once per step: given a boolean mask, SDPA
+    on CPU converts it on every call, i.e. once per layer."""
+    if mask is None or mask.dtype != torch.bool:
+        return mask
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
+
+
 def forward_step(language, step: StepBatch, cache: PagedKVCache) -> torch.Tensor:
     """The decoder over a packed step -> float32 logits [S, vocab] at `step.logit_rows`."""
+    for piece in [*step.prefills, *step.in_place, *step.decodes]:
+        piece.mask = _additive(piece.mask, step.embeds.dtype)
     x = step.embeds[None]
     pos = step.positions[None]
     for i, layer in enumerate(language.model.layers):

@@ -219,7 +219,7 @@ def test_memory_plan(fixtures_dir):
     per_token = cfg.num_hidden_layers * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * 4  # MLA: latent + rope key
     assert engine.plan.bytes_per_token == per_token
     assert engine.plan.num_blocks == 2**20 // (per_token * 16)
-    assert engine.cache.layers[0][0].shape == (engine.plan.num_blocks, 16, cfg.kv_lora_rank)
+    assert engine.cache.layers[0][0].shape == (engine.plan.num_blocks * 16, cfg.kv_lora_rank)  # [slots, rank]
     auto = Engine(model, processor)  # planned from the host's available memory
     assert auto.plan.tokens >= 4096 and auto.plan.max_step_tokens >= auto.plan.max_seqs
 
