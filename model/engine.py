@@ -96,6 +96,7 @@ class Engine:
         max_context: int | None = None,
         decode_waste: float = 0.25,
         in_place_decode: bool | None = None,
+        reservation_granule: int | None = None,
     ):
         self.model = model
         self.processor = processor
@@ -115,10 +116,13 @@ class Engine:
         self.cache = PagedKVCache(shapes, self.plan.num_blocks, self.block_size, self.device, self.dtype)
         self.blocks = BlockAllocator(self.plan.num_blocks)
         self.decode_waste = decode_waste
-        # CPU: a decode token whose sequence's cache is contiguous attends to it in place, one SDPA call
-        # per sequence (reads the cache once; a batched call over a gathered copy reads it three times).
+        # CPU: decode tokens whose sequences' caches are contiguous attend to them in place, one SDPA call
+        # per run of evenly spaced reservations (reads the cache once; a gathered copy reads it three times).
         # CUDA: grouped calls over gathered blocks (one launch per group) until a paged kernel reads in place.
         self.in_place_decode = self.device.type == "cpu" if in_place_decode is None else in_place_decode
+        # reservations rounded up to `reservation_granule` tokens (default 512 where decode reads in place)
+        granule = reservation_granule or (512 if self.in_place_decode else self.block_size)
+        self.granule = max(1, math.ceil(granule / self.block_size))  # in blocks
         self._seen: torch.Tensor | None = None  # [max_seqs, vocab] bool, made on first use
         self._free_rows = list(range(self.plan.max_seqs - 1, -1, -1))
         self._queue: collections.deque[_Sequence] = collections.deque()
@@ -169,6 +173,12 @@ class Engine:
 
     def _blocks_for(self, seq: _Sequence) -> int:
         return math.ceil((seq.prompt_len + seq.params.max_new_tokens) / self.block_size)
+
+    def _reservation(self, seq: _Sequence) -> int:
+        """Blocks reserved at admission: what the sequence can need, rounded up to the granule (so that
+        similar requests get equal reservations, which first fit places evenly spaced), within the pool."""
+        need = self._blocks_for(seq)
+        return min(-(-need // self.granule) * self.granule, self.plan.num_blocks)  # need <= num_blocks (submit)
 
     def generate(self, prepared: Sequence[PreparedInput],
                  params: SamplingParams | Sequence[SamplingParams] | None = None) -> list[Result]:
@@ -290,10 +300,10 @@ class Engine:
                 seq = self._queue[0]
                 if backlog >= 2 * self.plan.max_step_tokens:  # enough prefill work queued up already
                     break
-                if self._blocks_for(seq) > self.blocks.free:
+                if self._reservation(seq) > self.blocks.free:
                     break  # FIFO: wait until finished sequences free blocks
                 self._queue.popleft()
-                seq.blocks = self.blocks.allocate(self._blocks_for(seq))
+                seq.blocks = self.blocks.allocate(self._reservation(seq))
                 seq.row = self._free_rows.pop()
                 admitted.append(seq)
                 backlog += seq.prompt_len
@@ -392,6 +402,8 @@ class Engine:
                 lengths.append(pos + 1)
                 gathered.append(i)
         in_place = self._in_place_groups(here)
+        self.stats["in_place_runs"] += len(in_place)
+        self.stats["in_place_tokens"] += len(here)
         for g in decode_groups(lengths, self.decode_waste) if lengths else []:
             nb = math.ceil(max(lengths[i] for i in g) / bs)
             table = [decoding[gathered[i]].blocks[:nb] + [0] * (nb - len(decoding[gathered[i]].blocks[:nb]))

@@ -245,3 +245,38 @@ def test_fragmented_cache_gives_the_same_tokens(fixtures_dir):
     r = engine.generate([prep], sp)[0]
     assert engine.stats["steps"] > 1 and engine.blocks.free == scattered
     assert r.tokens == oracle(model, processor, prep, sp)
+
+
+def test_strided_runs_and_views():
+    """Evenly spaced contiguous reservations are read as one strided view; the view equals a gather."""
+    from model.kv_cache import PagedKVCache
+    from model.runner import strided_runs
+
+    assert strided_runs([0, 100, 200, 350, 500], [90, 90, 90, 90, 90]) == [[0, 1, 2], [3, 4]]
+    assert strided_runs([200, 0, 100], [50, 60, 55]) == [[1, 2, 0]]  # sorted by start
+    assert strided_runs([0, 100, 200], [100, 90, 20]) == [[0, 1], [2]]  # the padding rule splits
+    cache = PagedKVCache([((2, 3), (5,))], num_blocks=12, block_size=4, device=torch.device("cpu"),
+                         dtype=torch.float32)
+    assert cache.layers[0][0].shape == (2, 48, 3) and cache.layers[0][1].shape == (48, 5)  # head-major
+    slots = torch.arange(48)
+    cache.write(0, slots, (torch.randn(48, 2, 3), torch.randn(48, 5)))
+    k, lat = cache.strided(0, start=8, stride=12, count=3, length=10)
+    gk, glat = cache.gather(0, torch.tensor([[2, 3, 4], [5, 6, 7], [8, 9, 10]]))
+    assert torch.equal(k, gk[:, :10]) and torch.equal(lat, glat[:, :10])
+    assert torch.equal(cache.view(0, 20, 7)[0], gk[1:2, :7])
+    with pytest.raises(IndexError):
+        cache.strided(0, start=8, stride=12, count=4, length=10)  # the last row would run past the pool
+
+
+def test_equal_reservations_decode_as_one_strided_run(fixtures_dir):
+    model, processor = load_pretrained(fixtures_dir / "tiny_mha-seed1")
+    cases = load_cases(fixtures_dir / "tiny_mha-seed1.golden.npz")
+    preps = {c: processor.prepare(g["conversation"], g["images"]) for c, g in cases.items()}
+    items = [(preps["text_only"], SamplingParams(max_new_tokens=12, temperature=0.9, seed=s)) for s in range(4)]
+    items += [(preps["grounding_ref"], SamplingParams(max_new_tokens=6))]  # another length, same granule
+    engine = Engine(model, processor, kv_cache_tokens=16384, max_step_tokens=1024)
+    results = engine.generate([p for p, _ in items], [p for _, p in items])
+    for (prep, p), r in zip(items, results):
+        assert r.tokens == oracle(model, processor, prep, p)
+    # 5 decode tokens per step read in place by fewer SDPA runs than tokens
+    assert engine.stats["in_place_tokens"] >= 2 * engine.stats["in_place_runs"] > 0
