@@ -42,6 +42,7 @@ sys.path.insert(0, str(REPO))
 from model import load_pretrained  # noqa: E402
 from model.processor import BatchInputs  # noqa: E402
 from model.smoke import write_smoke_checkpoint  # noqa: E402
+from model.expert_parallel import join_group, rendezvous_store  # noqa: E402
 
 # The released deepseek-vl2 variants' decoder dims (model/presets.py) for the projection.
 VARIANTS = {
@@ -92,7 +93,7 @@ def _rank(rank: int, world: int, port: int, cfg: dict, out: str) -> None:
         torch.cuda.set_device(rank)
     else:
         torch.set_num_threads(cfg["threads"])
-    _join(rank, world, port, 300, "nccl" if cuda else "gloo")
+    join_group(rank, world, port, 300, "nccl" if cuda else "gloo")
     dtype = getattr(torch, cfg["dtype"])
     model, _ = load_pretrained(cfg["checkpoint"], device=device, dtype=dtype, expert_parallel=True)
     lang = model.cfg.language_config
@@ -146,21 +147,11 @@ def _rank(rank: int, world: int, port: int, cfg: dict, out: str) -> None:
     dist.destroy_process_group()
 
 
-def _store() -> dist.TCPStore:
-    """The group's rendezvous, held by this process on a port the OS picked (no window for another
-    process to take it, as a probed "free" port would leave)."""
-    return dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
-
-
-def _join(rank: int, world: int, port: int, timeout_s: float, backend: str = "gloo") -> None:
-    store = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=datetime.timedelta(seconds=timeout_s))
-    dist.init_process_group(backend, store=store, rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=timeout_s))
 
 
 def run(world: int, cfg: dict) -> list[dict]:
     with tempfile.TemporaryDirectory() as out:
-        store = _store()  # kept alive until the ranks are done
+        store = rendezvous_store()  # kept alive until the ranks are done
         mp.start_processes(_rank, args=(world, store.port, cfg, out), nprocs=world, start_method="spawn")
         return [torch.load(Path(out) / f"rank{r}.pt") for r in range(world)]
 

@@ -4,7 +4,8 @@
         --fixtures .fixtures/tiny_mha-seed1 .fixtures/small_mla-seed1 --json $OUT/gpu_engine.json
 
 1. `model.bench` on the real-size checkpoint for the page and catalog workloads (bf16): items/s, prefill and
-   decode tokens/s, vision tiles/s, peak memory, roofline fraction, and the one-at-a-time baseline in the same run.
+   decode tokens/s, vision tiles/s, peak memory, roofline fraction, and the one-at-a-time baseline in the same run;
+   page again with decode attention reading the cache in place (strided runs) instead of gathering blocks.
 2. Per fixture case: the engine's bf16 greedy tokens against `model.generate`'s bf16 tokens and against the
    reference's float32 tokens (leading tokens that agree).
 3. The pipeline's model stage on the device without Ray: `Preprocess` then the `Generate` UDF's `__call__` on
@@ -124,6 +125,11 @@ def main(argv: list[str] | None = None) -> dict:
         step(f"tiny_{workload}", lambda w=workload, n=n: model_bench.main([
             "--checkpoint", str(args.checkpoint), "--device", args.device, "--dtype", str(dtype).split(".")[1],
             "--workload", w, "--requests", str(n), "--baseline-requests", "1", "--skip-static", *extra]))
+    # decode attention reading the paged cache in place (strided runs; the CPU default) vs gathering blocks
+    step("tiny_page_in_place", lambda: model_bench.main([
+        "--checkpoint", str(args.checkpoint), "--device", args.device, "--dtype", str(dtype).split(".")[1],
+        "--workload", "page", "--requests", str(args.page_requests), "--baseline-requests", "1", "--skip-static",
+        "--in-place-decode", "on", *extra]))
     for fixture in args.fixtures:
         step(f"engine_vs_generate_{fixture.name}", lambda f=fixture: engine_vs_generate(f, args.device, dtype))
     step("pipeline_stage", lambda: pipeline_stage(args.checkpoint, args.device))

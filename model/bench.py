@@ -101,6 +101,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--max-seqs", type=int, default=None)
     ap.add_argument("--kv-cache-tokens", type=int, default=None)
     ap.add_argument("--max-step-tokens", type=int, default=None)
+    ap.add_argument("--in-place-decode", choices=["auto", "on", "off"], default="auto",
+                    help="decode attention reads the cache in place (strided runs) or gathers blocks; auto: "
+                         "in place on CPU")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     ap.add_argument("--repeats", type=int, default=1,
                     help="runs of each variant, alternating; the median wall time is reported (noisy machines)")
@@ -126,6 +129,8 @@ def main(argv: list[str] | None = None) -> dict:
     tiles = sum(int(sum(1 + w * h for w, h in p.images_spatial_crop.tolist() if w and h)) for p in prepared)
     limits = {k: v for k, v in dict(max_seqs=args.max_seqs, kv_cache_tokens=args.kv_cache_tokens,
                                     max_step_tokens=args.max_step_tokens).items() if v}
+    if args.in_place_decode != "auto":
+        limits["in_place_decode"] = args.in_place_decode == "on"
     engine = Engine(model, processor, **limits)
     params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
     engine.generate(prepared[:1], SamplingParams(max_new_tokens=2, ignore_eos=True))  # warm-up, not timed
@@ -181,6 +186,7 @@ def main(argv: list[str] | None = None) -> dict:
         "load_s": round(load_s, 2),
         "load_peak_gb": round(load_mem, 3),
         "peak_gb": round(peak, 3),
+        "in_place_decode": engine.in_place_decode,
         "engine_plan": {"kv_cache_tokens": engine.plan.tokens, "max_seqs": engine.plan.max_seqs,
                         "max_step_tokens": engine.plan.max_step_tokens, "block_size": engine.plan.block_size},
         "wall_s": round(wall, 3),

@@ -109,7 +109,7 @@ class Engine:
             model.vision_chunk = vision_chunk
         shapes = [layer.self_attn.entry_shapes() for layer in lang.model.layers]
         self.plan: CachePlan = plan_cache(
-            shapes, self.dtype, self.device, max_context=self.max_context, kv_cache_tokens=kv_cache_tokens,
+            shapes, self.dtype, self.device, kv_cache_tokens=kv_cache_tokens,
             memory_budget_bytes=memory_budget_bytes, memory_fraction=memory_fraction, block_size=block_size,
             max_seqs=max_seqs, max_step_tokens=max_step_tokens)
         self.block_size = self.plan.block_size
@@ -433,12 +433,13 @@ class Engine:
             return len(positions)
         seqs = [s for s, _ in emit]
         banned = [banned_by_ngram(s.tokens, s.params) for s in seqs]
-        seen = None
+        seen = seen_rows = None
         if any(s.params.repetition_penalty != 1.0 for s in seqs):
-            seen = self._seen_table()[torch.tensor([s.row for s in seqs], device=dev)]
+            seen_rows = torch.tensor([s.row for s in seqs], device=dev)
+            seen = self._seen_table()[seen_rows]
         nxt = sample(logits, [s.params for s in seqs], [s.generator for s in seqs], seen, banned)
-        if seen is not None:
-            self._seen_table()[torch.tensor([s.row for s in seqs], device=dev), nxt] = True
+        if seen_rows is not None:
+            self._seen_table()[seen_rows, nxt] = True
         now = time.perf_counter()
         for s, t, b in zip(seqs, nxt.tolist(), banned):  # the step's one host sync
             s.guard_bans += bool(b)

@@ -14,6 +14,7 @@ packed tokens (any number, one-token decode included) or `idle_step()`.
 """
 from __future__ import annotations
 
+import datetime
 import time
 from dataclasses import dataclass, field
 
@@ -22,6 +23,20 @@ import torch.distributed as dist
 from torch import nn
 
 from .language import Experts, MoE
+
+
+def rendezvous_store(host: str = "127.0.0.1") -> dist.TCPStore:
+    """A group's rendezvous, held by the calling process on a port the OS picks (no window for another
+    process to take it, as a probed "free" port would leave). Keep it alive until the ranks are done."""
+    return dist.TCPStore(host, 0, is_master=True, wait_for_workers=False)
+
+
+def join_group(rank: int, world: int, port: int, timeout_s: float, backend: str = "gloo",
+               host: str = "127.0.0.1") -> None:
+    """Join the process group whose rendezvous `rendezvous_store` holds at host:port."""
+    timeout = datetime.timedelta(seconds=timeout_s)
+    store = dist.TCPStore(host, port, is_master=False, timeout=timeout)
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout)
 
 
 def expert_bounds(num_experts: int, world: int) -> list[int]:

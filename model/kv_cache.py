@@ -135,7 +135,6 @@ def plan_cache(
     dtype: torch.dtype,
     device: torch.device,
     *,
-    max_context: int,
     kv_cache_tokens: int | None = None,
     memory_budget_bytes: int | None = None,
     memory_fraction: float = 0.85,

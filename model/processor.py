@@ -19,7 +19,7 @@ from PIL import Image
 from tokenizers import AddedToken, Tokenizer
 
 from model.conversation import IMAGE, Message, display_prompt, token_segments
-from model.tiling import image_token_count, normalize, tile_image
+from model.tiling import image_token_count, tile_image
 
 GROUNDING_TOKENS = ("<|ref|>", "<|/ref|>", "<|det|>", "<|/det|>", "<|grounding|>")
 CHAT_TOKENS = ("<|User|>", "<|Assistant|>")
@@ -176,6 +176,21 @@ class Processor:
     # --- one conversation ----------------------------------------------------------------
 
     def prepare(self, conversation: Sequence[Message], images: Sequence[Image.Image] | None = None) -> PreparedInput:
+        d = self._prepare(conversation, images)
+        pixels = d.pop("images_u8", None)
+        if pixels is not None:
+            d["images"] = self._normalize_pixels(torch.from_numpy(pixels)).numpy()
+        return PreparedInput.from_numpy_dict(d)
+
+    def prepare_packed(self, conversation: Sequence[Message], images: Sequence[Image.Image] | None = None
+                       ) -> dict[str, np.ndarray]:
+        """`pack(prepare(...))` without normalizing the tiles only to turn them back into pixels: the tiles
+        as their uint8 pixels, which `unpack` normalizes with `prepare`'s exact arithmetic."""
+        return self._prepare(conversation, images)
+
+    def _prepare(self, conversation: Sequence[Message], images: Sequence[Image.Image] | None) -> dict[str, np.ndarray]:
+        """The prepared input as numpy arrays, the tiles as uint8 pixels `images_u8` [n, 3, S, S] (text only:
+        one zero tile `images`, float32, as the reference gives the model)."""
         images = list(images or [])
         n_placeholders = sum(str(m["content"]).count(IMAGE) for m in conversation)
         if n_placeholders != len(images):
@@ -183,7 +198,7 @@ class Processor:
         cropping = len(images) <= 2  # many images would blow the context, so the reference stops tiling
         ids: list[int] = [self.bos_id]
         seq_mask: list[bool] = [False]
-        tiles: list[torch.Tensor] = []
+        tiles: list[np.ndarray] = []
         crops: list[list[int]] = []
         counts: list[int] = []
         next_image = iter(images)
@@ -198,7 +213,7 @@ class Processor:
             add_text(pieces[0])
             for piece in pieces[1:]:
                 views, (nw, nh) = tile_image(next(next_image), self.candidate_resolutions, cropping, self.image_size, self.image_mean)
-                tiles.extend(normalize(v, self.image_mean, self.image_std) for v in views)
+                tiles.extend(np.asarray(v, dtype=np.uint8).transpose(2, 0, 1) for v in views)
                 n = image_token_count(nw, nh, self.tokens_per_side)
                 ids.extend([self.image_token_id] * n)
                 seq_mask.extend([True] * n)
@@ -209,16 +224,17 @@ class Processor:
                 ids.append(self.eos_id)
                 seq_mask.append(False)
 
-        if not tiles:  # text only: the model still gets a (zero) image tensor, as in the reference
-            tiles = [torch.zeros(3, self.image_size, self.image_size)]
-            crops = [[0, 0]]
-        return PreparedInput(
-            input_ids=torch.tensor(ids, dtype=torch.long),
-            images_seq_mask=torch.tensor(seq_mask, dtype=torch.bool),
-            images=torch.stack(tiles),
-            images_spatial_crop=torch.tensor(crops, dtype=torch.long),
-            num_image_tokens=torch.tensor(counts, dtype=torch.long),
-        )
+        out = {
+            "input_ids": np.array(ids, dtype=np.int64),
+            "images_seq_mask": np.array(seq_mask, dtype=bool),
+            "images_spatial_crop": np.array(crops or [[0, 0]], dtype=np.int64).reshape(-1, 2),
+            "num_image_tokens": np.array(counts, dtype=np.int64),
+        }
+        if tiles:
+            out["images_u8"] = np.stack(tiles)
+        else:  # text only: the model still gets a (zero) image tensor, as in the reference
+            out["images"] = np.zeros((1, 3, self.image_size, self.image_size), dtype=np.float32)
+        return out
 
     # --- batches -------------------------------------------------------------------------
 

@@ -71,7 +71,6 @@ def sample(
     `seen` [S, V] bool marks the tokens each row has seen (prompt + generated), for the repetition
     penalty; rows whose penalty is 1.0 are untouched. HF's order, as `_pick`: penalty, then
     temperature, then top-p, then sample (or argmax)."""
-    s = logits.shape[0]
     dev = logits.device
     logits = logits.float()
     if banned is not None and any(banned):

@@ -176,13 +176,13 @@ class Preprocess:
         image = page.image
         base |= {"width": image.width, "height": image.height}
         try:
-            prep = self.processor.prepare(self.conversation, [image])
+            arrays = self.processor.prepare_packed(self.conversation, [image])
         except Exception as e:  # noqa: BLE001
             return base | {"status": "error", "error": redact(f"{name}: cannot prepare model input: {e}")}
         return base | {
             "status": "ok",
-            "prompt_tokens": len(prep),
-            "prep": pack_arrays(self.processor.pack(prep)),
+            "prompt_tokens": len(arrays["input_ids"]),
+            "prep": pack_arrays(arrays),
             "thumb": _thumbnail(image) if self.thumbnails else b"",
         }
 

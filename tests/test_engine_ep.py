@@ -16,9 +16,10 @@ import torch
 import torch.distributed as dist
 
 from model import Engine, SamplingParams, load_pretrained
+from model.expert_parallel import join_group
 from tests.conftest import FIXTURES
 from tests.test_engine import oracle
-from tests.test_expert_parallel import RANK_TIMEOUT_S, _conv, _image, _join, run_group
+from tests.test_expert_parallel import RANK_TIMEOUT_S, _conv, _image, run_group
 
 CHECKPOINTS = [FIXTURES / "tiny_mha-seed1", FIXTURES / "small_mla-seed1"]
 ENGINE = dict(kv_cache_tokens=2048, max_seqs=2, max_step_tokens=64, block_size=16)
@@ -44,7 +45,7 @@ def requests(processor, world: int) -> list[list[tuple[object, SamplingParams]]]
 
 def _rank(rank: int, world: int, port: int, out: str) -> None:
     torch.set_num_threads(1)
-    _join(rank, world, port, RANK_TIMEOUT_S)
+    join_group(rank, world, port, RANK_TIMEOUT_S)
     plan = torch.load(Path(out) / "plan.pt", weights_only=False)
     results = {}
     for ckpt in CHECKPOINTS:

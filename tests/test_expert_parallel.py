@@ -8,7 +8,6 @@ sharding is 1/N and that the uneven cases (a rank receiving no tokens) really ha
 """
 from __future__ import annotations
 
-import datetime
 import json
 import shutil
 import subprocess
@@ -27,7 +26,7 @@ from safetensors.torch import load_file, save_file
 
 from model import CheckpointError, load_pretrained
 from model.checkpoint import CheckpointReader
-from model.expert_parallel import ExpertParallelMoE
+from model.expert_parallel import ExpertParallelMoE, join_group, rendezvous_store
 from model.language import Experts
 from tests.conftest import FIXTURES
 
@@ -132,7 +131,7 @@ def call(model, fn: str, inputs, kw: dict):
 
 def _rank(rank: int, world: int, port: int, out: str) -> None:
     torch.set_num_threads(1)
-    _join(rank, world, port, RANK_TIMEOUT_S)
+    join_group(rank, world, port, RANK_TIMEOUT_S)
     reads = {"keys": [], "read": 0, "live": 0, "peak_live": 0}
     _count_reads(reads)
     calls = torch.load(Path(out) / "plan.pt", weights_only=False)
@@ -154,22 +153,12 @@ def _rank(rank: int, world: int, port: int, out: str) -> None:
     dist.destroy_process_group()
 
 
-def _store() -> dist.TCPStore:
-    """The group's rendezvous, held by this process on a port the OS picked (no window for another
-    process to take it, as a probed "free" port would leave)."""
-    return dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
-
-
-def _join(rank: int, world: int, port: int, timeout_s: float, backend: str = "gloo") -> None:
-    store = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=datetime.timedelta(seconds=timeout_s))
-    dist.init_process_group(backend, store=store, rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=timeout_s))
 
 
 def run_group(world: int, calls: dict, tmp: Path, fn=None) -> list:
     """Run `fn` (default: the plan runner) on `world` gloo ranks; each rank's result from tmp/rank{r}.pt."""
     torch.save(calls, tmp / "plan.pt")
-    store = _store()  # kept alive until the ranks are done
+    store = rendezvous_store()  # kept alive until the ranks are done
     ctx = mp.start_processes(fn or _rank, args=(world, store.port, str(tmp)), nprocs=world, join=False,
                              start_method="spawn")
     deadline = time.monotonic() + RUN_TIMEOUT_S
@@ -237,7 +226,7 @@ def test_expert_parallel_equals_single_process(world, references, tmp_path):
 
 
 def _load_error(rank: int, world: int, port: int, out: str) -> None:
-    _join(rank, world, port, RANK_TIMEOUT_S)
+    join_group(rank, world, port, RANK_TIMEOUT_S)
     ckpt = torch.load(Path(out) / "plan.pt", weights_only=False)
     try:
         load_pretrained(ckpt, expert_parallel=True)

@@ -59,6 +59,7 @@ def test_gpu_engine_rehearsal_on_cpu(tmp_path, fixtures_dir):
     report = json.loads(out[-1])
     assert not [k for k, v in report.items() if isinstance(v, dict) and "error" in v]
     assert report["tiny_page"]["generated_tokens"] == 4 and report["tiny_catalog"]["baseline_items_per_s"] > 0
+    assert report["tiny_page_in_place"]["in_place_decode"] is True and report["tiny_page_in_place"]["generated_tokens"] == 4
     cases = report["engine_vs_generate_tiny_mha-seed1"]
     assert len(cases) == 5 and all(c["engine_vs_generate"] == c["of"] == 8 for c in cases.values())
     stage = report["pipeline_stage"]

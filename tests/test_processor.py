@@ -217,3 +217,26 @@ def test_pack_unpack_is_exact_and_compact(fixtures_dir):
             assert torch.equal(getattr(back, name), getattr(prep, name)), name
     packed = proc.pack(proc.prepare(conv, [img]))
     assert packed["images_u8"].dtype == np.uint8 and "images" not in packed
+
+
+def test_prepare_packed_is_pack_of_prepare(fixtures_dir):
+    """The pipeline ships `prepare_packed` (tiles never normalized on the CPU actor): it unpacks to exactly
+    `prepare`'s input, tiles included, and is what `pack(prepare(...))` gives."""
+    proc = Processor.from_pretrained(fixtures_dir / "tiny_mha-seed1")
+    z = np.load(fixtures_dir / "tiny_mha-seed1.golden.npz")
+    img = Image.open(io.BytesIO(z["single_1000x400_rgba__image0_png"].tobytes()))
+    small = Image.new("RGB", (160, 120), (200, 30, 90))
+    cases = [([{"role": "<|User|>", "content": "<image>\nRead it."}, {"role": "<|Assistant|>", "content": ""}], [img]),
+             ([{"role": "<|User|>", "content": "<image> and <image>"}, {"role": "<|Assistant|>", "content": ""}],
+              [img, small]),
+             ([{"role": "<|User|>", "content": "hi"}, {"role": "<|Assistant|>", "content": ""}], [])]
+    for conv, images in cases:
+        prep = proc.prepare(conv, images)
+        packed = proc.prepare_packed(conv, images)
+        want = proc.pack(prep)
+        assert sorted(packed) == sorted(want)
+        for k in want:
+            assert packed[k].dtype == want[k].dtype and np.array_equal(packed[k], want[k]), k
+        back = proc.unpack(packed)
+        for name in ("input_ids", "images_seq_mask", "images", "images_spatial_crop", "num_image_tokens"):
+            assert torch.equal(getattr(back, name), getattr(prep, name)), name
