@@ -147,8 +147,6 @@ def _rank(rank: int, world: int, port: int, cfg: dict, out: str) -> None:
     dist.destroy_process_group()
 
 
-
-
 def run(world: int, cfg: dict) -> list[dict]:
     with tempfile.TemporaryDirectory() as out:
         store = rendezvous_store()  # kept alive until the ranks are done

@@ -37,7 +37,8 @@ import torch
 from .kv_cache import BlockAllocator, CachePlan, PagedKVCache, contiguous, plan_cache
 from .model import _real
 from .processor import PreparedInput
-from .runner import DecodeGroup, InPlace, Prefill, StepBatch, decode_groups, forward_step, strided_runs
+from .runner import (DecodeGroup, InPlace, Prefill, StepBatch, decode_groups, forward_step, length_mask,
+                     strided_runs)
 from .sampling import SamplingParams, banned_by_ngram, new_generator, sample
 
 
@@ -388,7 +389,7 @@ class Engine:
         if decoding:
             last = torch.tensor([s.tokens[-1] for s in decoding], device=dev)
             pieces.append(self.model.language.model.embed_tokens(last).to(self.dtype))
-        groups, in_place = [], []
+        groups = []
         lengths, gathered = [], []
         here = []  # (row, first slot, cached length) of the tokens read in place
         for i, s in enumerate(decoding):
@@ -408,10 +409,9 @@ class Engine:
             nb = math.ceil(max(lengths[i] for i in g) / bs)
             table = [decoding[gathered[i]].blocks[:nb] + [0] * (nb - len(decoding[gathered[i]].blocks[:nb]))
                      for i in g]
-            lens = torch.tensor([lengths[i] for i in g], device=dev)
-            mask = (torch.arange(nb * bs, device=dev)[None] < lens[:, None])[:, None, None]
             groups.append(DecodeGroup(rows=torch.tensor([row + gathered[i] for i in g], device=dev),
-                                      blocks=torch.tensor(table, device=dev), mask=mask))
+                                      blocks=torch.tensor(table, device=dev),
+                                      mask=length_mask([lengths[i] for i in g], nb * bs, dev)))
         step = StepBatch(
             embeds=torch.cat(pieces).to(self.dtype),
             positions=torch.tensor(positions, device=dev),
@@ -455,22 +455,13 @@ class Engine:
 
     def _in_place_groups(self, here: list[tuple[int, int, int]]) -> list[InPlace]:
         """Decode tokens read in place, grouped into evenly spaced runs (one strided view each)."""
-        dev, pool = self.device, self.plan.tokens
         out = []
-        runs = strided_runs([h[1] for h in here], [h[2] for h in here], self.decode_waste) if here else []
-        for run in runs:
-            members = [here[i] for i in run]
-            while len(members) > 1 and members[-1][1] + max(m[2] for m in members) > pool:
-                runs.append([run[len(members) - 1]])  # the view would run past the pool: read it alone
-                members.pop()
-            rows, start, length = [m[0] for m in members], members[0][1], max(m[2] for m in members)
-            stride = members[1][1] - start if len(members) > 1 else 0
-            mask = None
-            if any(m[2] != length for m in members):
-                lens = torch.tensor([m[2] for m in members], device=dev)
-                mask = (torch.arange(length, device=dev)[None] < lens[:, None])[:, None, None]
-            out.append(InPlace(rows=torch.tensor(rows, device=dev), start=start, stride=stride, length=length,
-                               mask=mask))
+        for run in strided_runs([h[1] for h in here], [h[2] for h in here], self.decode_waste, self.plan.tokens):
+            rows, starts, lens = zip(*(here[i] for i in run))
+            length = max(lens)
+            out.append(InPlace(rows=torch.tensor(rows, device=self.device), start=starts[0],
+                               stride=starts[1] - starts[0] if len(run) > 1 else 0, length=length,
+                               mask=length_mask(list(lens), length, self.device) if min(lens) != length else None))
         return out
 
     def _finish(self, s: _Sequence, reason: str, error: str | None = None) -> None:

@@ -82,7 +82,7 @@ class PagedKVCache:
 
     def view(self, layer: int, start: int, length: int) -> tuple[torch.Tensor, ...]:
         """Slots [start, start + length) of a contiguous reservation, in place: per entry [1, length, *entry]."""
-        return tuple(self._token_major(c)[start : start + length][None] for c in self.layers[layer])
+        return self.strided(layer, start, 0, 1, length)
 
     def strided(self, layer: int, start: int, stride: int, count: int, length: int) -> tuple[torch.Tensor, ...]:
         """`count` reservations starting every `stride` slots from `start`, `length` slots each, in place:

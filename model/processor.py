@@ -176,11 +176,7 @@ class Processor:
     # --- one conversation ----------------------------------------------------------------
 
     def prepare(self, conversation: Sequence[Message], images: Sequence[Image.Image] | None = None) -> PreparedInput:
-        d = self._prepare(conversation, images)
-        pixels = d.pop("images_u8", None)
-        if pixels is not None:
-            d["images"] = self._normalize_pixels(torch.from_numpy(pixels)).numpy()
-        return PreparedInput.from_numpy_dict(d)
+        return self.unpack(self._prepare(conversation, images))
 
     def prepare_packed(self, conversation: Sequence[Message], images: Sequence[Image.Image] | None = None
                        ) -> dict[str, np.ndarray]:

@@ -75,9 +75,11 @@ def decode_groups(lengths: list[int], max_waste: float = 0.25) -> list[list[int]
     return groups
 
 
-def strided_runs(starts: list[int], lengths: list[int], max_waste: float = 0.25) -> list[list[int]]:
+def strided_runs(starts: list[int], lengths: list[int], max_waste: float = 0.25,
+                 limit: int | None = None) -> list[list[int]]:
     """Indices grouped into runs that one strided view can read: sorted by start, each run's starts
-    evenly spaced (one stride) and its padded length wasting at most `max_waste` of its real tokens."""
+    evenly spaced (one stride), its padded length wasting at most `max_waste` of its real tokens, and
+    its last row (last start + the run's longest length) within `limit` slots (the pool's end)."""
     order = sorted(range(len(starts)), key=starts.__getitem__)
     runs: list[list[int]] = []
     for i in order:
@@ -85,7 +87,8 @@ def strided_runs(starts: list[int], lengths: list[int], max_waste: float = 0.25)
             r = runs[-1]
             stride_ok = len(r) == 1 or starts[i] - starts[r[-1]] == starts[r[1]] - starts[r[0]]
             longest = max(lengths[j] for j in r + [i])
-            if stride_ok and longest * (len(r) + 1) <= (1 + max_waste) * sum(lengths[j] for j in r + [i]):
+            fits = limit is None or starts[i] + longest <= limit
+            if stride_ok and fits and longest * (len(r) + 1) <= (1 + max_waste) * sum(lengths[j] for j in r + [i]):
                 r.append(i)
                 continue
         runs.append([i])
@@ -121,6 +124,12 @@ def _attention(attn, x: torch.Tensor, positions: torch.Tensor, step: StepBatch, 
         k, v = attn.kv_from_tokens(cache.gather(layer, g.blocks))
         out[g.rows] = attn.core(qs, k, v, mask=g.mask)[:, 0]
     return attn.o_proj(out)[None]
+
+
+def length_mask(lengths: list[int], n: int, device: torch.device) -> torch.Tensor:
+    """[G, 1, 1, n] True at each sequence's real positions (the first `lengths[g]`)."""
+    lens = torch.tensor(lengths, device=device)
+    return (torch.arange(n, device=device)[None] < lens[:, None])[:, None, None]
 
 
 def _additive(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:

@@ -255,6 +255,9 @@ def test_strided_runs_and_views():
     assert strided_runs([0, 100, 200, 350, 500], [90, 90, 90, 90, 90]) == [[0, 1, 2], [3, 4]]
     assert strided_runs([200, 0, 100], [50, 60, 55]) == [[1, 2, 0]]  # sorted by start
     assert strided_runs([0, 100, 200], [100, 90, 20]) == [[0, 1], [2]]  # the padding rule splits
+    # the pool's end: a run's last row (last start + its longest length) must stay within `limit`
+    assert strided_runs([0, 100, 200], [90, 90, 95], limit=290) == [[0, 1], [2]]
+    assert strided_runs([0, 100, 200], [90, 90, 95], limit=300) == [[0, 1, 2]]
     cache = PagedKVCache([((2, 3), (5,))], num_blocks=12, block_size=4, device=torch.device("cpu"),
                          dtype=torch.float32)
     assert cache.layers[0][0].shape == (2, 48, 3) and cache.layers[0][1].shape == (48, 5)  # head-major

@@ -153,8 +153,6 @@ def _rank(rank: int, world: int, port: int, out: str) -> None:
     dist.destroy_process_group()
 
 
-
-
 def run_group(world: int, calls: dict, tmp: Path, fn=None) -> list:
     """Run `fn` (default: the plan runner) on `world` gloo ranks; each rank's result from tmp/rank{r}.pt."""
     torch.save(calls, tmp / "plan.pt")
