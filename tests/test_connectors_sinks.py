@@ -349,11 +349,13 @@ def test_bad_destinations(tmp_path):
     assert "pw" not in str(e.value).replace("***", "")
 
 
-def _as_nobody(code: str) -> subprocess.CompletedProcess:
-    """Run `code` as an unprivileged user: root writes anywhere, so a read-only output needs someone else."""
+def _without_write_override(code: str) -> subprocess.CompletedProcess:
+    """Run `code` so that a directory's mode bits bind: root writes anywhere through CAP_DAC_OVERRIDE, so
+    under root the capability is dropped (root stays the owner, so a checkout and venv readable only by
+    root, e.g. a clone under `mktemp -d`, still import; another user could not read them)."""
     cmd = [sys.executable, "-c", code]
     if os.geteuid() == 0:
-        cmd = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"] + cmd
+        cmd = ["setpriv", "--bounding-set=-dac_override", "--inh-caps=-dac_override"] + cmd
     return subprocess.run(cmd, cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=120)
 
 
@@ -364,16 +366,16 @@ def test_read_only_parquet_output_is_one_clear_error_and_loses_nothing():
         out = root / "out"
         open_sink(str(out)).write([row("a")])
         before = sorted(p.name for p in out.iterdir())
-        out.chmod(0o555)  # readable, not writable (also for root's files: nobody is not the owner)
+        out.chmod(0o555)  # readable, not writable, owner included
         # At open: the job stops before any work, naming the directory and the reason.
-        p = _as_nobody(f"from connectors.sinks import open_sink\nopen_sink({str(out)!r})")
+        p = _without_write_override(f"from connectors.sinks import open_sink\nopen_sink({str(out)!r})")
         assert p.returncode == 1 and p.stderr.strip().splitlines()[-1] == (
             f"connectors.errors.SinkError: {out}: output directory is not writable: Permission denied")
         # At write (the directory became read-only after the open): a SinkError, not an OSError from the cleanup.
         code = (f"import os\nfrom connectors.sinks import LocalParquetSink\nfrom tests.test_connectors_sinks import row\n"
                 f"s = LocalParquetSink.__new__(LocalParquetSink)\nfrom pathlib import Path\ns.root = Path({str(out)!r})\n"
                 f"s.write([row('b')])")
-        p = _as_nobody(code)
+        p = _without_write_override(code)
         last = p.stderr.strip().splitlines()[-1]
         assert p.returncode == 1 and last.startswith(f"connectors.errors.SinkError: {out}: cannot write part-"), p.stderr
         assert last.endswith(": Permission denied") and "During handling" not in p.stderr
