@@ -6,6 +6,7 @@ experts across devices then become slicing. The loader maps `experts.{e}.*` onto
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -324,9 +325,12 @@ class Experts(nn.Module):
     Two ways to run the grouped products, same results: `torch._grouped_mm` over expert offsets
     computed on the device (no host sync, so a CUDA step never waits on the CPU; used for bf16 on
     CUDA, where the kernel exists and is fast), and a loop of per-expert matmuls that reads the
-    counts on the host (CPU, float32, torch 2.13: per call the two are equal at tiny's shapes for a
-    decode step, the loop 16% faster for a prompt; at the mini test shapes grouped is 2x faster per
-    call but no faster over a whole engine run, measured, so CPU keeps the loop).
+    counts on the host. On CPU (float32, torch 2.13, measured 2026-12-01) grouped wins while each
+    expert's share of a call is small, the loop once it is large: at the mini test shapes grouped is
+    1.2-1.5x faster per call from 2 to 1,024 tokens (bitwise equal) and an engine run 9-11% faster
+    (median of 8 alternating runs, twice); at tiny's real shapes the two are equal for a decode step and
+    the loop is 16% faster for a prompt. `_use_grouped` draws the line at about a million multiply-adds
+    per expert and matrix.
     """
 
     grouped: bool | None = None  # None: choose per call (see `_use_grouped`); True/False forces one (tests)
@@ -337,10 +341,14 @@ class Experts(nn.Module):
         self.up_proj = nn.Parameter(torch.empty(num, inner, hidden))
         self.down_proj = nn.Parameter(torch.empty(num, hidden, inner))
 
-    def _use_grouped(self, x: torch.Tensor) -> bool:
+    def _use_grouped(self, x: torch.Tensor, pairs: int) -> bool:
         if self.grouped is not None:
             return self.grouped
-        return x.is_cuda and x.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm")
+        if x.is_cuda:
+            return x.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm")
+        num, inner, hidden = self.gate_proj.shape
+        small = x.shape[0] >= 2 and pairs * inner * hidden < num * 2**20  # per expert: rows x inner x hidden
+        return small and x.dtype == torch.float32 and _cpu_grouped_mm()
 
     def forward(self, x: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """x [N,H], idx/weight [N,K] -> weighted sum [N,H] (float32 accumulation like the reference)."""
@@ -348,7 +356,7 @@ class Experts(nn.Module):
         flat = idx.flatten()
         order = flat.argsort()
         tokens = x[order // k]
-        if self._use_grouped(x):
+        if self._use_grouped(x, flat.numel()):
             # offs[e] = end row of expert e in the sorted tokens; searchsorted stays on the device
             # (bincount on CUDA reads the max back to the host)
             bounds = torch.arange(1, self.gate_proj.shape[0] + 1, device=x.device, dtype=flat.dtype)
@@ -370,6 +378,17 @@ class Experts(nn.Module):
         y = torch.empty_like(out)
         y[order] = out
         return (y.view(n, k, -1).float() * weight[..., None]).sum(1).to(x.dtype)
+
+
+@functools.cache
+def _cpu_grouped_mm() -> bool:
+    """Whether this torch runs `torch._grouped_mm` on CPU in float32 (2.13 does; older ones may not)."""
+    try:
+        w = torch.ones(2, 4, 4)
+        torch._grouped_mm(torch.ones(3, 4), w, offs=torch.tensor([1, 3], dtype=torch.int32))
+        return True
+    except (AttributeError, RuntimeError, NotImplementedError):
+        return False
 
 
 class MoE(nn.Module):

@@ -210,6 +210,12 @@ def test_grouped_expert_kernel_matches_loop(fixtures_dir):
     finally:
         e.grouped = None
     assert (a - b).abs().max().item() < 1e-5
+    # auto on CPU float32 (torch 2.13 has the kernel): grouped for several tokens on small experts, the
+    # loop for one token (it is faster there) and once each expert's share of the call is large
+    from model.language import _cpu_grouped_mm
+    assert _cpu_grouped_mm() and e._use_grouped(x, 80) and not e._use_grouped(x[:1], 2)
+    big = Experts(2, 1024, 1024)
+    assert not big._use_grouped(torch.zeros(8, 1024), 16)
 
 
 def test_memory_plan(fixtures_dir):
