@@ -11,7 +11,8 @@ EOS is ignored so every request generates exactly its tokens. Variants, in one r
   baseline      `model.generate` one request at a time (--baseline-requests of them)
 Prints a line per variant, then one JSON line (the last line) with the engine's figures
 (`items_per_s`, `prefill_tokens_per_s`, `decode_tokens_per_s`, `vision_tiles_per_s`, `roofline_fraction`, ...),
-`baseline_items_per_s`, `speedup` (engine / baseline) and the other variants' figures.
+`baseline_items_per_s`, `speedup` (engine / baseline, of the median walls), `speedup_per_repeat` and the other
+variants' figures.
 """
 from __future__ import annotations
 
@@ -210,6 +211,10 @@ def main(argv: list[str] | None = None) -> dict:
         "baseline_requests": n_base,
         "baseline_items_per_s": round(baseline, 4),
         "speedup": round(items_per_s / baseline, 2),
+        # per alternating repeat (engine and baseline seconds apart): steadier than the ratio of medians on a
+        # machine whose speed drifts over minutes
+        "speedup_per_repeat": [round((len(prepared) / e) / (n_base / b), 2)
+                               for e, b in zip(walls["engine"], walls["baseline"])],
         "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     print(json.dumps(result), flush=True)

@@ -4,6 +4,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from model.smoke import write_smoke_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
@@ -24,6 +26,8 @@ def test_bench_prints_json_report(tmp_path):
         assert report[key] > 0, key
     assert 0 < report["roofline_fraction"] <= 1
     assert report["speedup"] == round(report["items_per_s"] / report["baseline_items_per_s"], 2)
+    (e,), (b,) = report["walls_s"]["engine"], report["walls_s"]["baseline"]  # one repeat: one pair
+    assert report["speedup_per_repeat"] == [pytest.approx((4 / e) / (report["baseline_requests"] / b), abs=0.02)]
     assert report["vision_tiles"] == 4 * 7  # 1024x768 photo: 3x2 tiles + the global view
     assert report["prompt_tokens"] > 4 * 900 and report["cost"]["vision_flops"] > 0
 
