@@ -387,7 +387,7 @@ def _cpu_grouped_mm() -> bool:
         w = torch.ones(2, 4, 4)
         torch._grouped_mm(torch.ones(3, 4), w, offs=torch.tensor([1, 3], dtype=torch.int32))
         return True
-    except (AttributeError, RuntimeError, NotImplementedError):
+    except (AttributeError, RuntimeError, NotImplementedError, TypeError):
         return False
 
 
