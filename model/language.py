@@ -119,13 +119,14 @@ class MHAttention(nn.Module):
         shape = (batch, self.kv_heads, length, self.head_dim)
         return LayerCache(torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype))
 
-    def project(self, x: torch.Tensor, positions: torch.Tensor):
-        """x [B,q,H] -> q [B,H,q,D] and the cache entries (k, v), each [B,kv_heads,q,D], roped."""
+    def project(self, x: torch.Tensor, positions: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None):
+        """x [B,q,H] -> q [B,H,q,D] and the cache entries (k, v), each [B,kv_heads,q,D], roped. `rope`: this
+        layer's `rotary(positions, dtype)` when the caller made it once for every layer (they are all alike)."""
         b, q_len, _ = x.shape
         q = self.q_proj(x).view(b, q_len, self.heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(b, q_len, self.kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(b, q_len, self.kv_heads, self.head_dim).transpose(1, 2)
-        cos, sin = self.rotary(positions, q.dtype)
+        cos, sin = rope if rope is not None else self.rotary(positions, q.dtype)
         return apply_rope(q, cos, sin, False), (apply_rope(k, cos, sin, False), v)
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask=None, is_causal: bool = False):
@@ -197,9 +198,9 @@ class MLAttention(nn.Module):
             torch.zeros(batch, length, self.rope, device=device, dtype=dtype),
         )
 
-    def project(self, x: torch.Tensor, positions: torch.Tensor):
+    def project(self, x: torch.Tensor, positions: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None):
         """x [B,q,H] -> the absorbed query [B,H,q,rank+rope] and the cache entries (latent [B,q,rank],
-        roped k_pe [B,q,rope])."""
+        roped k_pe [B,q,rope]). `rope` as in `MHAttention.project`."""
         b, q_len, _ = x.shape
         if hasattr(self, "q_proj"):
             q = self.q_proj(x)
@@ -209,7 +210,7 @@ class MLAttention(nn.Module):
         q_nope, q_pe = q.split([self.nope, self.rope], dim=-1)
         latent, k_pe = self.kv_a_proj_with_mqa(x).split([self.rank, self.rope], dim=-1)
         latent = self.kv_a_layernorm(latent)
-        cos, sin = self.rotary(positions, q.dtype)
+        cos, sin = rope if rope is not None else self.rotary(positions, q.dtype)
         q_pe = apply_rope(q_pe, cos, sin, True)
         k_pe = apply_rope(k_pe[:, None], cos, sin, True)[:, 0]
         w = self.kv_b_proj.weight.view(self.heads, self.nope + self.v_dim, self.rank)

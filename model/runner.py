@@ -96,9 +96,9 @@ def strided_runs(starts: list[int], lengths: list[int], max_waste: float = 0.25,
 
 
 def _attention(attn, x: torch.Tensor, positions: torch.Tensor, step: StepBatch, cache: PagedKVCache,
-               layer: int) -> torch.Tensor:
+               layer: int, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
     """x [1, N, hidden] -> attention output [1, N, hidden] (one o_proj over all pieces)."""
-    q, entries = attn.project(x, positions)  # q [1, H, N, d]
+    q, entries = attn.project(x, positions, rope)  # q [1, H, N, d]
     tok = attn.token_entries(entries)  # per-token rows [N, ...]
     cache.write(layer, step.slots, tok)
     out = x.new_empty(x.shape[1], attn.o_proj.in_features)
@@ -146,8 +146,10 @@ def forward_step(language, step: StepBatch, cache: PagedKVCache) -> torch.Tensor
         piece.mask = _additive(piece.mask, step.embeds.dtype)
     x = step.embeds[None]
     pos = step.positions[None]
+    # every layer's rotary tables are the same (one config): made once per step, not once per layer
+    rope = language.model.layers[0].self_attn.rotary(pos, x.dtype) if len(language.model.layers) else None
     for i, layer in enumerate(language.model.layers):
-        x = x + _attention(layer.self_attn, layer.input_layernorm(x), pos, step, cache, i)
+        x = x + _attention(layer.self_attn, layer.input_layernorm(x), pos, step, cache, i, rope)
         x = x + layer.mlp(layer.post_attention_layernorm(x))
     x = x[0, step.logit_rows]
     if x.shape[0] == 0:
