@@ -347,7 +347,7 @@ class Engine:
         of all the others."""
         given = given or [None] * len(preps)
         todo = [i for i, g in enumerate(given) if g is None]
-        computed = dict(zip(todo, image_rows(self.model, [preps[i] for i in todo])))
+        computed = dict(zip(todo, image_rows(self.model, [preps[i] for i in todo], self.processor)))
         out = []
         for i, p in enumerate(preps):
             e = self.model.language.model.embed_tokens(p.input_ids.to(self.device))
@@ -487,14 +487,15 @@ class Engine:
             s.future.set_result(result)
 
 
-def image_rows(model, preps: Sequence[PreparedInput]) -> list[torch.Tensor | None]:
+def image_rows(model, preps: Sequence[PreparedInput], processor=None) -> list[torch.Tensor | None]:
     """Each prompt's image placeholder rows [n, hidden] (None without an image): all prompts' tiles in one
     vision pass (bounded chunks of `model.vision_chunk` tiles). The engine's admission uses it, and so
-    does a separate vision worker, whose rows the engine then takes as given."""
+    does a separate vision worker, whose rows the engine then takes as given. Tiles given as uint8 pixels
+    move to the device as such and are normalized there (`processor.normalize_pixels`)."""
     crops = [list(_real(p.images_spatial_crop.tolist())) for p in preps]
     counts = [sum(1 + w * h for w, h in c) for c in crops]
-    tiles = [p.images[:c] for p, c in zip(preps, counts) if c]
-    feats = model.encode_tiles(torch.cat(tiles).to(model.device, model.dtype)) if tiles else None
+    tiles = [_device_tiles(p.images[:c], model.device, processor) for p, c in zip(preps, counts) if c]
+    feats = model.encode_tiles(torch.cat(tiles).to(model.dtype)) if tiles else None
     out, t = [], 0
     for crop in crops:
         rows = []
@@ -503,3 +504,12 @@ def image_rows(model, preps: Sequence[PreparedInput]) -> list[torch.Tensor | Non
             t += 1 + w * h
         out.append(torch.cat(rows) if rows else None)
     return out
+
+
+def _device_tiles(tiles: torch.Tensor, device: torch.device, processor) -> torch.Tensor:
+    """Float32 (or model-dtype) tiles on `device`; uint8 pixels are moved first and normalized there."""
+    if tiles.dtype != torch.uint8:
+        return tiles.to(device)
+    if processor is None:
+        raise ValueError("uint8 pixel tiles need the processor (its image mean and std) to be normalized")
+    return processor.normalize_pixels(tiles.to(device))

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -31,7 +31,9 @@ class PreparedInput:
 
     input_ids: torch.Tensor  # [T] long
     images_seq_mask: torch.Tensor  # [T] bool, True at <image> placeholders
-    images: torch.Tensor  # [n_tiles, 3, S, S] float32; one zero tile when there is no image
+    images: torch.Tensor  # [n_tiles, 3, S, S] float32; one zero tile when there is no image. Or the tiles'
+    # uint8 pixels (`Processor.unpack(d, pixels=True)`): the engine normalizes them on its device, 4x fewer bytes
+    # to move and no float32 copy on the host; `collate` normalizes them for `model.generate`
     images_spatial_crop: torch.Tensor  # [n_images, 2] long (num_w, num_h); [[0, 0]] when no image
     num_image_tokens: torch.Tensor  # [n_images] long
 
@@ -240,28 +242,38 @@ class Processor:
         d = prep.to_numpy_dict()
         m = torch.tensor(self.image_mean, dtype=torch.float32).view(3, 1, 1)
         s = torch.tensor(self.image_std, dtype=torch.float32).view(3, 1, 1)
+        if prep.images.dtype == torch.uint8:  # pixels already
+            del d["images"]
+            d["images_u8"] = prep.images.numpy()
+            return d
         pixels = ((prep.images * s + m) * 255).round().clamp(0, 255).to(torch.uint8)
-        if torch.equal(self._normalize_pixels(pixels), prep.images):
+        if torch.equal(self.normalize_pixels(pixels), prep.images):
             del d["images"]
             d["images_u8"] = pixels.numpy()
         return d
 
-    def unpack(self, d: dict[str, Any]) -> PreparedInput:
+    def unpack(self, d: dict[str, Any], pixels: bool = False) -> PreparedInput:
+        """`pack`'s arrays back to a `PreparedInput`; with `pixels`, uint8 tiles stay uint8 (for the engine,
+        which normalizes them on its device), else they are normalized to float32 here."""
         if "images_u8" in d:
             d = dict(d)
-            d["images"] = self._normalize_pixels(torch.tensor(np.asarray(d.pop("images_u8")))).numpy()
+            u8 = torch.tensor(np.asarray(d.pop("images_u8")))
+            d["images"] = u8 if pixels else self.normalize_pixels(u8)
         return PreparedInput.from_numpy_dict(d)
 
-    def _normalize_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
-        """[n,3,H,W] uint8 -> float32 with `normalize`'s exact arithmetic."""
-        m = torch.tensor(self.image_mean, dtype=torch.float32).view(3, 1, 1)
-        s = torch.tensor(self.image_std, dtype=torch.float32).view(3, 1, 1)
+    def normalize_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
+        """[n,3,H,W] uint8 -> float32 with `normalize`'s exact arithmetic, on the pixels' device (IEEE float32
+        division and subtraction: the same bits on CPU and CUDA)."""
+        m = torch.tensor(self.image_mean, dtype=torch.float32, device=pixels.device).view(3, 1, 1)
+        s = torch.tensor(self.image_std, dtype=torch.float32, device=pixels.device).view(3, 1, 1)
         return pixels.float().div(255).sub(m).div(s)
 
     def collate(self, samples: Sequence[PreparedInput]) -> BatchInputs:
         """Left-pad text, zero-pad tiles and crop rows: generation appends on the right."""
         if not samples:
             raise ValueError("collate needs at least one sample")
+        samples = [replace(s, images=self.normalize_pixels(s.images)) if s.images.dtype == torch.uint8 else s
+                   for s in samples]
         b = len(samples)
         t = max(len(s) for s in samples)
         n_tiles = max(s.images.shape[0] for s in samples)

@@ -61,7 +61,7 @@ class Rank:
             os._exit(1)
         arrays = unpack_arrays(packed)
         rows = arrays.pop("image_rows", None)
-        prep = self.processor.unpack(arrays)
+        prep = self.processor.unpack(arrays, pixels=True)  # the engine normalizes them on its device
         rows = torch.from_numpy(np.array(rows)) if rows is not None else None
         return await asyncio.wrap_future(self.engine.submit(prep, params, rows))
 

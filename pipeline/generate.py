@@ -140,7 +140,7 @@ class Generate:
                 return await self.group.run(batch["prep"][i], params)
             arrays = unpack_arrays(batch["prep"][i])
             rows = arrays.pop("image_rows", None)  # from a vision worker (pipeline/vision.py)
-            prep = self.processor.unpack(arrays)
+            prep = self.processor.unpack(arrays, pixels=True)  # the engine normalizes them on its device
             rows = torch.from_numpy(np.array(rows)) if rows is not None else None
             return await asyncio.wrap_future(self.engine.submit(prep, params, rows))
         except Exception as e:  # noqa: BLE001 - one bad item is one error row

@@ -38,12 +38,13 @@ class EncodeImages:
         todo = [i for i in range(len(prep)) if status[i] == "ok"]
         arrays = {i: unpack_arrays(prep[i]) for i in todo}
         try:
-            rows = dict(zip(todo, image_rows(self.model, [self.processor.unpack(arrays[i]) for i in todo])))
+            rows = dict(zip(todo, image_rows(self.model, [self.processor.unpack(arrays[i], pixels=True) for i in todo],
+                                             self.processor)))
         except Exception:  # noqa: BLE001 - find the item(s) at fault one by one
             rows = {}
             for i in todo:
                 try:
-                    rows[i] = image_rows(self.model, [self.processor.unpack(arrays[i])])[0]
+                    rows[i] = image_rows(self.model, [self.processor.unpack(arrays[i], pixels=True)], self.processor)[0]
                 except Exception as e:  # noqa: BLE001 - one bad item is one error row
                     rows[i] = e
         for i in todo:

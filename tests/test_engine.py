@@ -289,3 +289,23 @@ def test_equal_reservations_decode_as_one_strided_run(fixtures_dir):
         assert r.tokens == oracle(model, processor, prep, p)
     # 5 decode tokens per step read in place by fewer SDPA runs than tokens
     assert engine.stats["in_place_tokens"] >= 2 * engine.stats["in_place_runs"] > 0
+
+
+def test_pixel_tiles_are_normalized_on_the_device_with_the_same_bits(loaded):
+    """uint8 tiles (`unpack(pixels=True)`, what the pipeline's model stage submits) give the float tiles'
+    image rows bit for bit, the same tokens, and the same `collate` for `model.generate`."""
+    from model.engine import image_rows
+
+    name, model, processor, preps = loaded
+    floats = [p for p in preps.values() if p.images_spatial_crop[0, 0] > 0]
+    pixels = [processor.unpack(processor.pack(p), pixels=True) for p in floats]
+    assert floats and all(p.images.dtype == torch.uint8 for p in pixels)
+    with torch.inference_mode():
+        for a, b in zip(image_rows(model, floats), image_rows(model, pixels, processor)):
+            assert torch.equal(a, b)
+        with pytest.raises(ValueError, match="need the processor"):
+            image_rows(model, pixels[:1])
+    assert torch.equal(processor.collate(pixels).images, processor.collate(floats).images)
+    params = SamplingParams(max_new_tokens=4)
+    want = [r.tokens for r in Engine(model, processor).generate(floats, params)]
+    assert [r.tokens for r in Engine(model, processor).generate(pixels, params)] == want
