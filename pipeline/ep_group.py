@@ -22,6 +22,10 @@ import torch
 from pipeline.config import JobConfig
 
 READY_TIMEOUT_S = 600
+# Placement groups made inside an actor live as long as the job's driver, not the actor: a driver that runs
+# two jobs (the Python API) would find the first job's groups still holding its CPUs/GPUs. Each is named
+# PG_PREFIX + the run's tag, and `remove_groups(tag)` frees them when the run ends.
+PG_PREFIX = "pagemill-ep-"
 
 
 @ray.remote(max_restarts=0)
@@ -69,13 +73,16 @@ class Rank:
 class Group:
     """The leader's handle on its ranks."""
 
-    def __init__(self, config: JobConfig, model_path: str, gpus: float, crash_marker: str | None = None):
+    def __init__(self, config: JobConfig, model_path: str, gpus: float, crash_marker: str | None = None,
+                 tag: str = ""):
+        import uuid
+
         from ray.util.placement_group import placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         n = config.expert_parallel_size
         bundle = {"CPU": config.cpus_per_model_worker} | ({"GPU": gpus} if gpus else {})
-        self.pg = placement_group([bundle] * n, strategy="STRICT_PACK")
+        self.pg = placement_group([bundle] * n, strategy="STRICT_PACK", name=f"{PG_PREFIX}{tag}-{uuid.uuid4().hex[:12]}")
         ray.get(self.pg.ready(), timeout=READY_TIMEOUT_S)
         self.ranks = [
             Rank.options(num_cpus=config.cpus_per_model_worker, num_gpus=gpus,
@@ -108,3 +115,18 @@ class Group:
             ray.kill(rank, no_restart=True)
         remove_placement_group(self.pg)
         os._exit(1)
+
+
+def remove_groups(tag: str) -> int:
+    """Remove the placement groups of the run tagged `tag` that are still there (on the driver, after the
+    run); returns how many."""
+    from ray.util.placement_group import get_placement_group, remove_placement_group
+
+    names = [pg["name"] for pg in ray.util.placement_group_table().values()
+             if pg.get("name", "").startswith(f"{PG_PREFIX}{tag}-") and pg["state"] != "REMOVED"]
+    for name in names:
+        try:
+            remove_placement_group(get_placement_group(name))
+        except ValueError:  # removed meanwhile (a leader's abort)
+            pass
+    return len(names)

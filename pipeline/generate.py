@@ -81,7 +81,7 @@ class Generate:
     """Ray Data class UDF. `__call__` is a coroutine, so Ray runs several on one actor at once."""
 
     def __init__(self, config: JobConfig, model_path: str, crash_marker: str | None = None,
-                 rank_gpus: float = 0.0, rank_crash_marker: str | None = None) -> None:
+                 rank_gpus: float = 0.0, rank_crash_marker: str | None = None, run_tag: str = "") -> None:
         from model import Engine, SamplingParams, load_pretrained, load_processor, resolve_checkpoint
 
         self.group = self.engine = None
@@ -89,7 +89,7 @@ class Generate:
             from pipeline.ep_group import Group
 
             self.processor = load_processor(model_path)
-            self.group = Group(config, model_path, rank_gpus, rank_crash_marker)
+            self.group = Group(config, model_path, rank_gpus, rank_crash_marker, tag=run_tag)
         else:
             self.device = pick_device(config.device)
             if self.device.type == "cpu":

@@ -11,6 +11,7 @@ import logging
 import os
 import re
 import time
+import uuid
 import warnings
 from typing import Any
 
@@ -57,8 +58,9 @@ def _gpus_per_worker(config: JobConfig) -> float:
     return 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
 
 
-def build_dataset(config: JobConfig, model_path: str, done: DoneSet | frozenset[str]) -> Any:
-    """The lazy Ray Data plan; nothing runs until the driver iterates it."""
+def build_dataset(config: JobConfig, model_path: str, done: DoneSet | frozenset[str], run_tag: str = "") -> Any:
+    """The lazy Ray Data plan; nothing runs until the driver iterates it. `run_tag` names this run's
+    expert-parallel placement groups (see `pipeline.ep_group.remove_groups`)."""
     import ray
     from ray.data import TaskPoolStrategy
 
@@ -85,7 +87,7 @@ def build_dataset(config: JobConfig, model_path: str, done: DoneSet | frozenset[
         ctx.target_max_block_size = default_block
     with warnings.catch_warnings():  # Ray 2.60 has no named parameter for restarts yet
         warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated")
-        ds = _model_stages(ds, config, model_path, done, restarts)
+        ds = _model_stages(ds, config, model_path, done, restarts, run_tag)
     # Light work; zero CPUs so it never waits behind actors that hold every core of a small machine.
     return ds.map_batches(
         postprocess,
@@ -100,7 +102,8 @@ def build_dataset(config: JobConfig, model_path: str, done: DoneSet | frozenset[
     )
 
 
-def _model_stages(ds: Any, config: JobConfig, model_path: str, done: DoneSet | frozenset[str], restarts: dict) -> Any:
+def _model_stages(ds: Any, config: JobConfig, model_path: str, done: DoneSet | frozenset[str], restarts: dict,
+                  run_tag: str = "") -> Any:
     from ray.data import ActorPoolStrategy
 
     ds = ds.map_batches(
@@ -134,7 +137,7 @@ def _model_stages(ds: Any, config: JobConfig, model_path: str, done: DoneSet | f
     ds = ds.map_batches(
         Generate,
         fn_constructor_kwargs=dict(config=config, model_path=model_path, crash_marker=os.environ.get(CRASH_ENV),
-                                   rank_gpus=gpus, rank_crash_marker=os.environ.get(CRASH_RANK_ENV)),
+                                   rank_gpus=gpus, rank_crash_marker=os.environ.get(CRASH_RANK_ENV), run_tag=run_tag),
         batch_size=config.model_batch_size,
         compute=ActorPoolStrategy(min_size=config.num_model_workers_min, max_size=config.num_model_workers_max,
                                   max_tasks_in_flight_per_actor=in_flight, max_concurrent_calls_per_actor=in_flight),
@@ -156,13 +159,15 @@ def run_job(config: JobConfig, *, quiet: bool = False) -> Summary:
     sink = open_sink(config.output, table=config.table, s3=s3_options(config), password_env=config.db_password_env,
                      part_bytes=int(config.parquet_part_mb * 1024 * 1024), part_seconds=config.parquet_part_seconds)
     outputs = None
+    run_tag = ""
     try:
         preflight_outputs(config, sink)
         with quiet_ray_init():
             _init_ray(config)
         quiet_ray_data()
         done = load_done_set(sink, include_errors=not config.retry_errors)  # compact; shared once via Ray
-        ds = build_dataset(config, model_path, done)
+        run_tag = uuid.uuid4().hex[:12]
+        ds = build_dataset(config, model_path, done, run_tag)
         outputs = RunOutputs(config, sink, started_at=started_at, smoke=smoke, listing=_listing(config))
         tally = Tally()
         t0 = time.perf_counter()
@@ -182,6 +187,10 @@ def run_job(config: JobConfig, *, quiet: bool = False) -> Summary:
         summary = tally.summary(config, started_at=started_at, wall_s=time.perf_counter() - t0, smoke=smoke,
                                 prior_done=len(done), contact_sheet=sheet, markdown_documents=docs)
     finally:
+        if run_tag and config.expert_parallel_size > 1 and ray.is_initialized():
+            from pipeline.ep_group import remove_groups
+
+            remove_groups(run_tag)  # this run's groups hold CPUs/GPUs until the driver exits otherwise
         if outputs is not None:
             outputs.close()
         sink.close()

@@ -41,11 +41,20 @@ def baseline(ray_session, folder, tmp_path_factory):  # noqa: F811
     return rows
 
 
+def _live_groups() -> list[dict]:
+    import ray
+
+    return [pg for pg in ray.util.placement_group_table().values() if pg["state"] != "REMOVED"]
+
+
 def test_expert_parallel_2_gives_the_same_rows(baseline, folder, tmp_path):
     config = _config(folder, tmp_path / "ep.db", expert_parallel_size=2)
     s = run_job(config, quiet=True)
     assert s.items_ok == 5
     assert _rows(config) == baseline
+    # a group's placement group lives as long as the driver, not its leader actor: the run removes its
+    # own, so the next job in this process (this module's next test) gets the CPUs back
+    assert _live_groups() == []
 
 
 def test_vision_workers_give_the_same_rows(baseline, folder, tmp_path):
@@ -62,3 +71,4 @@ def test_a_rank_dies_mid_run_and_every_item_has_one_row(baseline, folder, tmp_pa
     assert marker.is_file(), "the last rank of the group was supposed to die once"
     assert s.items_ok == 5
     assert _rows(config) == baseline  # one row per item, none lost, none duplicated
+    assert _live_groups() == []  # the restarted group's too
