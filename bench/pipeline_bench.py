@@ -100,7 +100,9 @@ def run_engine(config: JobConfig, model_path: str) -> dict:
     for block in iter_ref_blocks(config.input, source_options(config), config.limit):
         refs = {k: np.array(block.column(k).to_pylist(), dtype=object) for k in block.column_names}
         for out in pre(refs):
-            preps += [processor.unpack(unpack_arrays(b)) for b, st in zip(out["prep"], out["status"]) if st == "ok"]
+            # uint8 tiles, as the model stage submits them (the engine normalizes them, inside the timed run)
+            preps += [processor.unpack(unpack_arrays(b), pixels=True)
+                      for b, st in zip(out["prep"], out["status"]) if st == "ok"]
     engine = Engine(model, processor, **engine_limits(config))
     engine.generate(preps[:1], SamplingParams(max_new_tokens=2))  # warm-up
     t0 = time.perf_counter()
