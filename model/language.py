@@ -328,8 +328,8 @@ class Experts(nn.Module):
     CUDA, where the kernel exists and is fast), and a loop of per-expert matmuls that reads the
     counts on the host. On CPU (float32, torch 2.13, measured 2026-12-01) grouped wins while each
     expert's share of a call is small, the loop once it is large: at the mini test shapes grouped is
-    1.2-1.5x faster per call from 2 to 1,024 tokens (bitwise equal) and an engine run 9-11% faster
-    (median of 8 alternating runs, twice); at tiny's real shapes the two are equal for a decode step and
+    1.2-1.5x faster per call from 2 to 1,024 tokens (bitwise equal) and an engine run 7-11% faster
+    (three A/Bs, medians of 8 alternating runs); at tiny's real shapes the two are equal for a decode step and
     the loop is 16% faster for a prompt. `_use_grouped` draws the line at about a million multiply-adds
     per expert and matrix.
     """

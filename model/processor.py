@@ -240,12 +240,11 @@ class Processor:
         """`prep` as numpy arrays for shipping between processes, with the tiles as their uint8
         pixels (4x smaller) whenever that round-trips exactly through `unpack`; else as float32."""
         d = prep.to_numpy_dict()
+        if prep.images.dtype == torch.uint8:  # pixels already
+            d["images_u8"] = d.pop("images")
+            return d
         m = torch.tensor(self.image_mean, dtype=torch.float32).view(3, 1, 1)
         s = torch.tensor(self.image_std, dtype=torch.float32).view(3, 1, 1)
-        if prep.images.dtype == torch.uint8:  # pixels already
-            del d["images"]
-            d["images_u8"] = prep.images.numpy()
-            return d
         pixels = ((prep.images * s + m) * 255).round().clamp(0, 255).to(torch.uint8)
         if torch.equal(self.normalize_pixels(pixels), prep.images):
             del d["images"]
@@ -257,8 +256,8 @@ class Processor:
         which normalizes them on its device), else they are normalized to float32 here."""
         if "images_u8" in d:
             d = dict(d)
-            u8 = torch.tensor(np.asarray(d.pop("images_u8")))
-            d["images"] = u8 if pixels else self.normalize_pixels(u8)
+            u8 = np.asarray(d.pop("images_u8"))  # from_numpy_dict copies it (read-only from Ray's store)
+            d["images"] = u8 if pixels else self.normalize_pixels(torch.tensor(u8))
         return PreparedInput.from_numpy_dict(d)
 
     def normalize_pixels(self, pixels: torch.Tensor) -> torch.Tensor:

@@ -300,6 +300,7 @@ def test_pixel_tiles_are_normalized_on_the_device_with_the_same_bits(loaded):
     floats = [p for p in preps.values() if p.images_spatial_crop[0, 0] > 0]
     pixels = [processor.unpack(processor.pack(p), pixels=True) for p in floats]
     assert floats and all(p.images.dtype == torch.uint8 for p in pixels)
+    assert torch.equal(processor.unpack(processor.pack(pixels[0]), pixels=True).images, pixels[0].images)
     with torch.inference_mode():
         for a, b in zip(image_rows(model, floats), image_rows(model, pixels, processor)):
             assert torch.equal(a, b)
