@@ -380,8 +380,6 @@ class Engine:
                     p.view_start = s.blocks[0] * bs
                 else:
                     p.blocks = torch.tensor([s.blocks[:nb]], device=dev)
-                qpos = torch.arange(s.cached, kv, device=dev)[:, None]
-                p.mask = (torch.arange(kv, device=dev)[None] <= qpos)[None, None]
             prefills.append(p)
             row += n
             if s.cached + n == s.prompt_len:

@@ -2,7 +2,8 @@
 
 Every linear layer and the MoE see the packed tokens (no padding). Attention runs per piece:
 a prefill chunk attends causally to its own sequence (`is_causal` on the fresh keys when it is
-the sequence's first chunk, the cached prefix plus a lower-right causal mask otherwise), and
+the sequence's first chunk; after a cached prefix, a lower-right causal mask, or on CPU two mask-free
+flash calls, prefix and chunk, joined by their log-sum-exps), and
 the decode tokens attend in groups of similar cached length, each group padded only to its own
 longest member, so no sequence is padded to the batch's longest. A group reads its sequences'
 caches in place when they are evenly spaced contiguous runs (`InPlace`, one strided view), else
@@ -24,8 +25,8 @@ class Prefill:
     start: int  # cache position of the chunk's first token
     blocks: torch.Tensor | None = None  # [1, nb] the sequence's blocks, when start > 0 (None: `view_start`)
     view_start: int | None = None  # first slot, when the sequence's cache is contiguous
-    mask: torch.Tensor | None = None  # [1, 1, n, start + n] lower-right causal, when start > 0 (bool, or
-    # additive 0/-inf as `forward_step` makes it)
+    mask: torch.Tensor | None = None  # [1, 1, n, start + n] lower-right causal, when start > 0, made by
+    # `forward_step` (additive 0/-inf) unless attention runs the chunk in two parts without one
 
 
 @dataclass
@@ -113,7 +114,7 @@ def _attention(attn, x: torch.Tensor, positions: torch.Tensor, step: StepBatch, 
             else:
                 cached = tuple(e[:, : p.start + p.n] for e in cache.gather(layer, p.blocks))
             k, v = attn.kv_from_tokens(cached)
-            y = attn.core(qs, k, v, mask=p.mask)
+            y = attn.core(qs, k, v, mask=p.mask) if p.mask is not None else attn.core_continued(qs, k, v)
         out[p.row : p.row + p.n] = y[0]
     for d in step.in_place:
         k, v = attn.kv_from_tokens(cache.strided(layer, d.start, d.stride, len(d.rows), d.length))
@@ -140,8 +141,19 @@ def _additive(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | N
     return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
 
 
+def continuation_mask(start: int, n: int, device: torch.device) -> torch.Tensor:
+    """[1, 1, n, start + n] lower-right causal: a chunk's tokens see the cached prefix and their own past."""
+    qpos = torch.arange(start, start + n, device=device)[:, None]
+    return (torch.arange(start + n, device=device)[None] <= qpos)[None, None]
+
+
 def forward_step(language, step: StepBatch, cache: PagedKVCache) -> torch.Tensor:
     """The decoder over a packed step -> float32 logits [S, vocab] at `step.logit_rows`."""
+    attn0 = language.model.layers[0].self_attn
+    in_two = hasattr(attn0, "core_continued") and attn0.continued_in_two(step.embeds.device, step.embeds.dtype)
+    for p in step.prefills:  # chunks after a cached prefix: a mask unless attention runs them in two parts
+        if p.start and p.mask is None and not in_two:
+            p.mask = continuation_mask(p.start, p.n, step.embeds.device)
     for piece in [*step.prefills, *step.in_place, *step.decodes]:
         piece.mask = _additive(piece.mask, step.embeds.dtype)
     x = step.embeds[None]
