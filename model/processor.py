@@ -265,7 +265,9 @@ class Processor:
         division and subtraction: the same bits on CPU and CUDA)."""
         m = torch.tensor(self.image_mean, dtype=torch.float32, device=pixels.device).view(3, 1, 1)
         s = torch.tensor(self.image_std, dtype=torch.float32, device=pixels.device).view(3, 1, 1)
-        return pixels.float().div(255).sub(m).div(s)
+        # in place on a fresh copy: one float32 buffer, not four (2.1 -> 1.1 ms for a catalog item's 7 tiles on
+        # CPU, same bits); the copy keeps a float caller's tensor untouched
+        return pixels.to(torch.float32, copy=True).div_(255).sub_(m).div_(s)
 
     def collate(self, samples: Sequence[PreparedInput]) -> BatchInputs:
         """Left-pad text, zero-pad tiles and crop rows: generation appends on the right."""
