@@ -8,7 +8,9 @@
    page again with decode attention reading the cache in place (strided runs) instead of gathering blocks.
 2. Per fixture case: the engine's bf16 greedy tokens against `model.generate`'s bf16 tokens and against the
    reference's float32 tokens (leading tokens that agree).
-3. The pipeline's model stage on the device without Ray: `Preprocess` then the `Generate` UDF's `__call__` on
+3. A profile of the engine's steps (page and catalog, `--profile-requests` requests): the prefill phase, then 20
+   decode steps, each as a torch.profiler table sorted by device time, with wall ms per step.
+4. The pipeline's model stage on the device without Ray: `Preprocess` then the `Generate` UDF's `__call__` on
    one packed batch of the bundled samples, constructed directly (needs pyyaml and pypdfium2 besides pydantic).
 `--size mini` rehearses all of it on CPU in a minute. The last line printed is the JSON written to `--json`.
 """
@@ -57,6 +59,47 @@ def engine_vs_generate(fixture: Path, device: str, dtype: torch.dtype, n: int = 
     return out
 
 
+def profile_steps(checkpoint: Path, device: str, dtype: torch.dtype, workload: str, requests: int,
+                  decode_steps: int = 20) -> dict:
+    """Where a step's time goes: torch.profiler over the engine's prefill phase (admission, vision, prefill
+    chunks mixed with decode) and then `decode_steps` pure decode steps, as tables sorted by device time
+    (CPU time on CPU), with each phase's wall ms per step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    model, processor = load_pretrained(str(checkpoint), device=device, dtype=dtype)
+    conv = [{"role": "<|User|>", "content": model_bench.PROMPTS[workload]}, {"role": "<|Assistant|>", "content": ""}]
+    preps = [processor.prepare(conv, [model_bench.synthetic_image(workload, i)]) for i in range(requests)]
+    engine = Engine(model, processor)
+    params = SamplingParams(max_new_tokens=decode_steps + 8, ignore_eos=True)
+    engine.generate(preps[:1], SamplingParams(max_new_tokens=2, ignore_eos=True))  # warm-up
+    cuda = device.startswith("cuda")
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    key = "self_device_time_total" if cuda else "self_cpu_time_total"
+    out = {"workload": workload, "requests": requests}
+    for r in preps:
+        engine.submit(r, params)
+    for phase in ("prefill", "decode"):
+        model_bench.sync(device)
+        t0, steps = time.perf_counter(), 0
+        with profile(activities=acts) as prof:
+            while engine.has_work() and (steps < decode_steps if phase == "decode" else
+                                         engine._queue or any(s.prefilling for s in engine._running)):
+                engine.step()
+                steps += 1
+            model_bench.sync(device)
+        wall = time.perf_counter() - t0
+        try:
+            table = prof.key_averages().table(sort_by=key, row_limit=30)
+        except (AttributeError, KeyError, ValueError):  # older profilers name it cuda time
+            table = prof.key_averages().table(sort_by=key.replace("device", "cuda"), row_limit=30)
+        out[phase] = {"steps": steps, "wall_ms_per_step": round(wall / max(steps, 1) * 1000, 3), "table": table}
+    while engine.has_work():
+        engine.step()
+    del engine, model
+    _free(device)
+    return out
+
+
 def pipeline_stage(checkpoint: Path, device: str) -> dict:
     """Preprocess + Generate.__call__ on the samples, on `device`, no Ray."""
     from pipeline.config import JobConfig
@@ -98,6 +141,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--page-requests", type=int, default=256)
     ap.add_argument("--catalog-requests", type=int, default=512)
     ap.add_argument("--max-new-tokens", type=int, default=None, help="override the workloads' 700/150 (rehearsal)")
+    ap.add_argument("--profile-requests", type=int, default=64, help="requests in the profiled steps")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args(argv)
     dtype = torch.bfloat16 if args.device.startswith("cuda") or args.size == "full" else torch.float32
@@ -132,6 +176,8 @@ def main(argv: list[str] | None = None) -> dict:
         "--in-place-decode", "on", *extra]))
     for fixture in args.fixtures:
         step(f"engine_vs_generate_{fixture.name}", lambda f=fixture: engine_vs_generate(f, args.device, dtype))
+    for workload, n in (("page", args.profile_requests), ("catalog", args.profile_requests)):
+        step(f"profile_{workload}", lambda w=workload, n=n: profile_steps(args.checkpoint, args.device, dtype, w, n))
     step("pipeline_stage", lambda: pipeline_stage(args.checkpoint, args.device))
     print(json.dumps(result), flush=True)
     return result

@@ -57,7 +57,8 @@ def test_gpu_engine_rehearsal_on_cpu(tmp_path, fixtures_dir):
     out = subprocess.run(
         [sys.executable, str(REPO / "bench" / "gpu_engine.py"), "--device", "cpu", "--size", "mini",
          "--checkpoint", str(tmp_path / "tiny"), "--page-requests", "2", "--catalog-requests", "2",
-         "--max-new-tokens", "2", "--fixtures", str(fixtures_dir / "tiny_mha-seed1"), "--json", str(tmp_path / "r.json")],
+         "--max-new-tokens", "2", "--profile-requests", "2", "--fixtures", str(fixtures_dir / "tiny_mha-seed1"),
+         "--json", str(tmp_path / "r.json")],
         capture_output=True, text=True, check=True, timeout=600,
     ).stdout.strip().splitlines()
     report = json.loads(out[-1])
@@ -66,5 +67,9 @@ def test_gpu_engine_rehearsal_on_cpu(tmp_path, fixtures_dir):
     assert report["tiny_page_in_place"]["in_place_decode"] is True and report["tiny_page_in_place"]["generated_tokens"] == 4
     cases = report["engine_vs_generate_tiny_mha-seed1"]
     assert len(cases) == 5 and all(c["engine_vs_generate"] == c["of"] == 8 for c in cases.values())
+    for w in ("page", "catalog"):  # the profiled phases ran: all prompts prefilled, then 20 decode steps
+        prof = report[f"profile_{w}"]
+        assert prof["prefill"]["steps"] >= 1 and prof["decode"]["steps"] == 20
+        assert "scaled_dot_product" in prof["prefill"]["table"] and prof["decode"]["wall_ms_per_step"] > 0
     stage = report["pipeline_stage"]
     assert stage["items"] == 4 and stage["status"] == ["ok"] * 4 and set(stage["finish_reason"]) <= {"eos", "length"}
