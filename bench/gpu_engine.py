@@ -67,8 +67,7 @@ def profile_steps(checkpoint: Path, device: str, dtype: torch.dtype, workload: s
     from torch.profiler import ProfilerActivity, profile
 
     model, processor = load_pretrained(str(checkpoint), device=device, dtype=dtype)
-    conv = [{"role": "<|User|>", "content": model_bench.PROMPTS[workload]}, {"role": "<|Assistant|>", "content": ""}]
-    preps = [processor.prepare(conv, [model_bench.synthetic_image(workload, i)]) for i in range(requests)]
+    preps = model_bench.synthetic_requests(processor, workload, requests)
     engine = Engine(model, processor)
     params = SamplingParams(max_new_tokens=decode_steps + 8, ignore_eos=True)
     engine.generate(preps[:1], SamplingParams(max_new_tokens=2, ignore_eos=True))  # warm-up

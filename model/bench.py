@@ -56,6 +56,16 @@ def synthetic_image(workload: str, i: int) -> Image.Image:
     return img
 
 
+def synthetic_requests(processor, workload: str, n: int, images_per_request: int = 1) -> list:
+    """`n` prepared requests of `workload`, each with its own synthetic image(s)."""
+    k_img = images_per_request
+    content = PROMPTS[workload] if k_img == 1 else (
+        "".join(f"Image {k + 1}: <image>\n" for k in range(k_img)) + PROMPTS[workload].split("\n", 1)[1])
+    conv = [{"role": "<|User|>", "content": content}, {"role": "<|Assistant|>", "content": ""}]
+    return [processor.prepare(conv, [synthetic_image(workload, i * k_img + k) for k in range(k_img)])
+            for i in range(n)]
+
+
 def peak_memory_gb(device: str) -> float:
     if device.startswith("cuda"):
         return torch.cuda.max_memory_allocated() / 2**30
@@ -121,11 +131,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"loaded {args.checkpoint} on {args.device} {dtype} in {load_s:.1f}s", flush=True)
 
     n_img = args.images_per_request
-    content = PROMPTS[args.workload] if n_img == 1 else (
-        "".join(f"Image {k + 1}: <image>\n" for k in range(n_img)) + PROMPTS[args.workload].split("\n", 1)[1])
-    conv = [{"role": "<|User|>", "content": content}, {"role": "<|Assistant|>", "content": ""}]
-    prepared = [processor.prepare(conv, [synthetic_image(args.workload, i * n_img + k) for k in range(n_img)])
-                for i in range(args.requests)]
+    prepared = synthetic_requests(processor, args.workload, args.requests, n_img)
     prompt_lens = [len(p) for p in prepared]
     tiles = sum(int(sum(1 + w * h for w, h in p.images_spatial_crop.tolist() if w and h)) for p in prepared)
     limits = {k: v for k, v in dict(max_seqs=args.max_seqs, kv_cache_tokens=args.kv_cache_tokens,

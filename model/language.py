@@ -403,26 +403,27 @@ class Experts(nn.Module):
         return (y.view(n, k, -1).float() * weight[..., None]).sum(1).to(x.dtype)
 
 
+def _runs(probe) -> bool:
+    """Whether `probe()` runs and returns true here: a private op may be missing or refuse a dtype."""
+    try:
+        return bool(probe())
+    except (AttributeError, RuntimeError, NotImplementedError, TypeError):
+        return False
+
+
 @functools.cache
 def _cpu_flash_lse() -> bool:
     """Whether this torch has the CPU flash-attention op that returns the log-sum-exp (2.13 does)."""
-    try:
-        x = torch.ones(1, 1, 2, 4)
-        _, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(x, x, x, 0.0, True, scale=0.5)
-        return lse.shape == (1, 1, 2)
-    except (AttributeError, RuntimeError, NotImplementedError, TypeError):
-        return False
+    x = torch.ones(1, 1, 2, 4)
+    op = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    return op is not None and _runs(lambda: op(x, x, x, 0.0, True, scale=0.5)[1].shape == (1, 1, 2))
 
 
 @functools.cache
 def _cpu_grouped_mm() -> bool:
     """Whether this torch runs `torch._grouped_mm` on CPU in float32 (2.13 does; older ones may not)."""
-    try:
-        w = torch.ones(2, 4, 4)
-        torch._grouped_mm(torch.ones(3, 4), w, offs=torch.tensor([1, 3], dtype=torch.int32))
-        return True
-    except (AttributeError, RuntimeError, NotImplementedError, TypeError):
-        return False
+    offs = torch.tensor([1, 3], dtype=torch.int32)
+    return _runs(lambda: torch._grouped_mm(torch.ones(3, 4), torch.ones(2, 4, 4), offs=offs) is not None)
 
 
 class MoE(nn.Module):

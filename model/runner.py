@@ -159,7 +159,7 @@ def forward_step(language, step: StepBatch, cache: PagedKVCache) -> torch.Tensor
     x = step.embeds[None]
     pos = step.positions[None]
     # every layer's rotary tables are the same (one config): made once per step, not once per layer
-    rope = language.model.layers[0].self_attn.rotary(pos, x.dtype)
+    rope = attn0.rotary(pos, x.dtype)
     for i, layer in enumerate(language.model.layers):
         x = x + _attention(layer.self_attn, layer.input_layernorm(x), pos, step, cache, i, rope)
         x = x + layer.mlp(layer.post_attention_layernorm(x))
