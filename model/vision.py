@@ -5,11 +5,14 @@ a name-for-name copy. Only `forward_features` is used: the attention-pool head i
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .config import ProjectorConfig, VisionConfig
+from .language import _runs
 
 
 class PatchEmbed(nn.Module):
@@ -42,7 +45,21 @@ class Mlp(nn.Module):
         self.fc2 = nn.Linear(hidden, width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+        if x.device.type == "cpu" and x.dtype == torch.float32 and _cpu_linear_gelu():
+            # oneDNN's linear with the tanh GELU as a post-op: one pass instead of addmm, a bias copy and
+            # ATen's slow tanh-GELU kernel (7 tiles of the mini: 0.77 vs 1.8 ms; within 3e-7)
+            h = torch.ops.mkldnn._linear_pointwise(x, self.fc1.weight, self.fc1.bias, "gelu", [None], "tanh")
+        else:
+            h = F.gelu(self.fc1(x), approximate="tanh")
+        return self.fc2(h)
+
+
+@functools.cache
+def _cpu_linear_gelu() -> bool:
+    """Whether this torch has oneDNN's fused linear + pointwise op on CPU (builds with mkldnn do)."""
+    op = getattr(torch.ops.mkldnn, "_linear_pointwise", None)
+    x, w = torch.ones(2, 4), torch.ones(3, 4)
+    return op is not None and _runs(lambda: op(x, w, torch.zeros(3), "gelu", [None], "tanh").shape == (2, 3))
 
 
 class Block(nn.Module):

@@ -194,3 +194,23 @@ def test_bfloat16_loads_without_float32_copy(smoke_dirs):
     # bf16 tracks fp32 closely on a random mini model (relative to the logit spread)
     assert (logits - ref_logits).abs().mean() < 0.05 * ref_logits.std()
     assert json.loads((smoke_dirs["base"] / "config.json").read_text())["language_config"]["topk_method"] == "noaux_tc"
+
+
+def test_vision_mlp_fused_gelu_matches_the_plain_path(monkeypatch):
+    """On CPU float32 the vision MLP runs fc1 and the tanh GELU as one oneDNN call; it must give what
+    `fc2(gelu(fc1(x)))` gives (a real-size SigLIP width here, so the op sees the shapes it will)."""
+    import model.vision as vision
+
+    torch.manual_seed(0)
+    mlp = vision.Mlp(1152, 4304)
+    x = torch.randn(2, 50, 1152)
+    assert vision._cpu_linear_gelu(), "this torch build lacks oneDNN's fused linear (CPU vision falls back)"
+    with torch.inference_mode():
+        fused = mlp(x)
+        monkeypatch.setattr(vision, "_cpu_linear_gelu", lambda: False)
+        plain = mlp(x)
+    ref = mlp.fc2(torch.nn.functional.gelu(mlp.fc1(x), approximate="tanh"))
+    assert torch.equal(plain, ref)
+    assert (fused - ref).abs().max() < 1e-5 * ref.abs().max()
+    # the exact GELU would differ by more: the test tells the two approximations apart
+    assert (mlp.fc2(torch.nn.functional.gelu(mlp.fc1(x))) - ref).abs().max() > (fused - ref).abs().max()
