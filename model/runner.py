@@ -99,8 +99,11 @@ def strided_runs(starts: list[int], lengths: list[int], max_waste: float = 0.25,
 def _attention(attn, x: torch.Tensor, positions: torch.Tensor, step: StepBatch, cache: PagedKVCache,
                layer: int, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
     """x [1, N, hidden] -> attention output [1, N, hidden] (one o_proj over all pieces)."""
-    q, entries = attn.project(x, positions, rope)  # q [1, H, N, d]
-    tok = attn.token_entries(entries)  # per-token rows [N, ...]
+    if hasattr(attn, "project_packed"):
+        q, tok = attn.project_packed(x[0], rope)  # q [1, H, N, d]; per-token rows [N, ...]
+    else:
+        q, entries = attn.project(x, positions, rope)
+        tok = attn.token_entries(entries)
     cache.write(layer, step.slots, tok)
     out = x.new_empty(x.shape[1], attn.o_proj.in_features)
     for p in step.prefills:

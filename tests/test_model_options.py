@@ -214,3 +214,50 @@ def test_vision_mlp_fused_gelu_matches_the_plain_path(monkeypatch):
     assert (fused - ref).abs().max() < 1e-5 * ref.abs().max()
     # the exact GELU would differ by more: the test tells the two approximations apart
     assert (mlp.fc2(torch.nn.functional.gelu(mlp.fc1(x))) - ref).abs().max() > (fused - ref).abs().max()
+
+
+def test_joined_weights_are_views_and_follow_reloads_and_casts():
+    """`joined` gives one tensor for several parameters without holding them twice, and never a stale
+    one: a copy_ into a parameter (a reload) shows in it, and a cast or a replaced parameter is joined anew."""
+    from model.language import MLP, joined
+
+    torch.manual_seed(0)
+    mlp = MLP(8, 12)
+    x = torch.randn(5, 8)
+    ref = mlp.down_proj(torch.nn.functional.silu(mlp.gate_proj(x)) * mlp.up_proj(x))
+    with torch.inference_mode():
+        assert torch.equal(mlp(x), ref)
+    whole = mlp._joined["gate_up"]
+    assert whole.shape == (24, 8) and not whole.is_inference()
+    assert mlp.gate_proj.weight.data_ptr() == whole.data_ptr()
+    assert mlp.up_proj.weight.data_ptr() == whole[12:].data_ptr()
+    with torch.no_grad():  # what load_weights does
+        mlp.up_proj.weight.copy_(torch.randn(12, 8))
+    ref = mlp.down_proj(torch.nn.functional.silu(mlp.gate_proj(x)) * mlp.up_proj(x))
+    assert torch.equal(mlp(x), ref)
+    mlp.up_proj.weight = torch.nn.Parameter(torch.randn(12, 8))  # own storage: joined anew
+    ref = mlp.down_proj(torch.nn.functional.silu(mlp.gate_proj(x)) * mlp.up_proj(x))
+    assert torch.equal(mlp(x), ref) and mlp._joined["gate_up"] is not whole
+    mlp.to(torch.float64)
+    assert joined(mlp, "gate_up", [mlp.gate_proj.weight, mlp.up_proj.weight], 0).dtype == torch.float64
+    assert torch.allclose(mlp(x.double()), ref.double(), atol=1e-6)
+
+
+def test_packed_projection_gives_the_bits_of_project(tmp_path):
+    """The engine's one-product q/k/v projection with one rotary pass (MHA, and GQA) equals `project`."""
+    from model.language import MHAttention
+
+    for kv_heads in (4, 2):
+        cfg = lang_cfg(use_mla=False, kv_lora_rank=None, num_key_value_heads=kv_heads)
+        attn = MHAttention(cfg)
+        for p in attn.parameters():
+            torch.nn.init.normal_(p, std=0.2)
+        x = torch.randn(1, 37, 32)
+        pos = torch.arange(100, 137)[None]
+        with torch.inference_mode():
+            rope = attn.rotary(pos, x.dtype)
+            q, entries = attn.project(x, pos, rope)
+            k, v = attn.token_entries(entries)
+            q2, (k2, v2) = attn.project_packed(x[0], rope)
+        assert q2.shape == q.shape and k2.shape == k.shape == (37, kv_heads, attn.head_dim)
+        assert torch.equal(q, q2) and torch.equal(k, k2) and torch.equal(v, v2)
