@@ -5,7 +5,8 @@
 
 1. `model.bench` on the real-size checkpoint for the page and catalog workloads (bf16): items/s, prefill and
    decode tokens/s, vision tiles/s, peak memory, roofline fraction, and the one-at-a-time baseline in the same run;
-   page again with decode attention reading the cache in place (strided runs) instead of gathering blocks.
+   page again with decode attention reading the cache in place (strided runs) instead of gathering blocks, and
+   page again with every step eager (no CUDA graphs for the decode-only steps).
 2. Per fixture case: the engine's bf16 greedy tokens against `model.generate`'s bf16 tokens and against the
    reference's float32 tokens (leading tokens that agree).
 3. A profile of the engine's steps (page and catalog, `--profile-requests` requests): the prefill phase, then 20
@@ -173,6 +174,11 @@ def main(argv: list[str] | None = None) -> dict:
         "--checkpoint", str(args.checkpoint), "--device", args.device, "--dtype", str(dtype).split(".")[1],
         "--workload", "page", "--requests", str(args.page_requests), "--baseline-requests", "1", "--skip-static",
         "--in-place-decode", "on", *extra]))
+    # the same page run with every step eager (no CUDA graphs): what the graphs save
+    step("tiny_page_no_graphs", lambda: model_bench.main([
+        "--checkpoint", str(args.checkpoint), "--device", args.device, "--dtype", str(dtype).split(".")[1],
+        "--workload", "page", "--requests", str(args.page_requests), "--baseline-requests", "1", "--skip-static",
+        "--cuda-graphs", "off", *extra]))
     for fixture in args.fixtures:
         step(f"engine_vs_generate_{fixture.name}", lambda f=fixture: engine_vs_generate(f, args.device, dtype))
     for workload, n in (("page", args.profile_requests), ("catalog", args.profile_requests)):

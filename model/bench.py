@@ -115,6 +115,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--in-place-decode", choices=["auto", "on", "off"], default="auto",
                     help="decode attention reads the cache in place (strided runs) or gathers blocks; auto: "
                          "in place on CPU")
+    ap.add_argument("--cuda-graphs", choices=["auto", "on", "off"], default="auto",
+                    help="decode-only steps replayed as CUDA graphs at bucketed shapes; auto: on for cuda")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     ap.add_argument("--repeats", type=int, default=1,
                     help="runs of each variant, alternating; the median wall time is reported (noisy machines)")
@@ -138,6 +140,8 @@ def main(argv: list[str] | None = None) -> dict:
                                     max_step_tokens=args.max_step_tokens).items() if v}
     if args.in_place_decode != "auto":
         limits["in_place_decode"] = args.in_place_decode == "on"
+    if args.cuda_graphs != "auto":
+        limits["cuda_graphs"] = args.cuda_graphs == "on"
     engine = Engine(model, processor, **limits)
     params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
     engine.generate(prepared[:1], SamplingParams(max_new_tokens=2, ignore_eos=True))  # warm-up, not timed
@@ -194,6 +198,10 @@ def main(argv: list[str] | None = None) -> dict:
         "load_peak_gb": round(load_mem, 3),
         "peak_gb": round(peak, 3),
         "in_place_decode": engine.in_place_decode,
+        "cuda_graphs": {"on": bool(engine.static and engine.static.use_graphs),
+                        "fallback": engine.static.fallback if engine.static else None,
+                        **{k: engine.stats[k] for k in ("static_decode_steps", "cuda_graph_captures",
+                                                        "cuda_graph_replays", "cuda_graph_fallbacks")}},
         "engine_plan": {"kv_cache_tokens": engine.plan.tokens, "max_seqs": engine.plan.max_seqs,
                         "max_step_tokens": engine.plan.max_step_tokens, "block_size": engine.plan.block_size},
         "wall_s": round(wall, 3),

@@ -12,7 +12,9 @@ Each step: admit queued requests that fit (their tiles go through the vision tow
 give every decoding sequence one token, fill the rest of the step's token budget with prefill
 chunks, run the decoder once over all of them (model/runner.py), sample each request with its own
 parameters, and retire finished sequences so the next step refills their places. `model.generate`
-one request at a time is the oracle: the tests hold the engine to its tokens.
+one request at a time is the oracle: the tests hold the engine to its tokens. On CUDA a decode-only
+step runs at bucketed shapes and is replayed as a CUDA graph (model/decode_graphs.py; `cuda_graphs=False`
+runs every step eagerly, `static_decode=True` runs the bucketed steps eagerly, e.g. in tests on CPU).
 
 Under expert parallelism (a model loaded with `expert_parallel=True`) every rank runs its own Engine on
 its own requests and `step()` is collective: one all-reduce per step says whether any rank has tokens;
@@ -34,6 +36,7 @@ from typing import Sequence
 
 import torch
 
+from .decode_graphs import StaticDecode
 from .kv_cache import BlockAllocator, CachePlan, PagedKVCache, contiguous, plan_cache
 from .model import _real
 from .processor import PreparedInput
@@ -98,6 +101,8 @@ class Engine:
         decode_waste: float = 0.25,
         in_place_decode: bool | None = None,
         reservation_granule: int | None = None,
+        cuda_graphs: bool | None = None,
+        static_decode: bool | None = None,
     ):
         self.model = model
         self.processor = processor
@@ -116,6 +121,7 @@ class Engine:
         self.block_size = self.plan.block_size
         self.cache = PagedKVCache(shapes, self.plan.num_blocks, self.block_size, self.device, self.dtype)
         self.blocks = BlockAllocator(self.plan.num_blocks)
+        self.usable_blocks = self.plan.num_blocks
         self.decode_waste = decode_waste
         # CPU: decode tokens whose sequences' caches are contiguous attend to them in place, one SDPA call
         # per run of evenly spaced reservations (reads the cache once; a gathered copy reads it three times).
@@ -140,6 +146,20 @@ class Engine:
         self.group_active = False  # EP: did the last step run a decoder pass on the group
         self._group_leaving = False  # EP: had every rank closed at the last step
         self.idle_poll_s = 0.005  # EP: how often an idle loop joins the group's step all-reduce
+        # decode-only steps at bucketed shapes (model/decode_graphs.py), replayed as CUDA graphs on CUDA
+        # (default there, except under EP, whose steps hold collectives); `static_decode` alone runs them eagerly
+        if self.ep is not None and (cuda_graphs or static_decode):
+            raise ValueError("CUDA graphs / static decode steps cannot run under expert parallelism: its steps hold "
+                             "collectives every rank must join once")
+        if cuda_graphs is None:
+            cuda_graphs = self.device.type == "cuda" and self.ep is None and (static_decode is None or static_decode)
+        self.static: StaticDecode | None = None
+        if cuda_graphs or static_decode:
+            scratch = self.blocks.take_last()  # padding rows write here; no sequence owns it
+            self.usable_blocks -= 1
+            self.static = StaticDecode(lang, self.cache, scratch, self.plan.max_seqs,
+                                       min(self.max_context, self.usable_blocks * self.block_size),
+                                       graphs=bool(cuda_graphs), stats=self.stats)
 
     # -- submission ------------------------------------------------------------------------------
 
@@ -167,9 +187,9 @@ class Engine:
         if need > self.max_context:
             return (f"prompt ({seq.prompt_len} tokens) + max_new_tokens ({seq.params.max_new_tokens}) = {need} "
                     f"exceeds the model's context of {self.max_context} tokens")
-        if self._blocks_for(seq) > self.plan.num_blocks:
+        if self._blocks_for(seq) > self.usable_blocks:
             return (f"prompt ({seq.prompt_len} tokens) + max_new_tokens ({seq.params.max_new_tokens}) = {need} "
-                    f"exceeds the KV cache of {self.plan.tokens} tokens")
+                    f"exceeds the KV cache of {self.usable_blocks * self.block_size} tokens")
         return None
 
     def _blocks_for(self, seq: _Sequence) -> int:
@@ -179,7 +199,7 @@ class Engine:
         """Blocks reserved at admission: what the sequence can need, rounded up to the granule (so that
         similar requests get equal reservations, which first fit places evenly spaced), within the pool."""
         need = self._blocks_for(seq)
-        return min(-(-need // self.granule) * self.granule, self.plan.num_blocks)  # need <= num_blocks (submit)
+        return min(-(-need // self.granule) * self.granule, self.usable_blocks)  # need <= usable (submit)
 
     def generate(self, prepared: Sequence[PreparedInput],
                  params: SamplingParams | Sequence[SamplingParams] | None = None) -> list[Result]:
@@ -365,6 +385,35 @@ class Engine:
         return [seq.blocks[p // bs] * bs + p % bs for p in range(start, start + n)]
 
     def _run(self, chunks: list[tuple[_Sequence, int]], decoding: list[_Sequence]) -> int:
+        logits = None if chunks else self._static_step(decoding)
+        if logits is None:
+            emit, logits, count = self._packed_step(chunks, decoding)
+        else:
+            emit, count = [(s, i) for i, s in enumerate(decoding)], len(decoding)
+        self.stats["steps"] += 1
+        self.stats["prefill_tokens"] += sum(n for _, n in chunks)
+        self.stats["decode_tokens"] += len(decoding)
+        if not emit:  # only mid-prompt chunks this step
+            return count
+        self._sample(emit, logits)
+        return count
+
+    def _static_step(self, decoding: list[_Sequence]) -> torch.Tensor | None:
+        """A decode-only step at bucketed shapes (CUDA graphs), or None when it has no bucket."""
+        if self.static is None or not decoding:
+            return None
+        bs = self.block_size
+        lengths = [s.prompt_len + len(s.tokens) for s in decoding]  # cached tokens once this one is written
+        if self.static.shape(len(decoding), -(-max(lengths) // bs)) is None:
+            return None
+        pos = [n - 1 for n in lengths]
+        return self.static.run([s.tokens[-1] for s in decoding], pos,
+                               [s.blocks[p // bs] * bs + p % bs for s, p in zip(decoding, pos)],
+                               [s.blocks[: -(-n // bs)] for s, n in zip(decoding, lengths)], lengths)
+
+    def _packed_step(self, chunks: list[tuple[_Sequence, int]], decoding: list[_Sequence]):
+        """Any step: prompt chunks and decode tokens packed into one decoder pass (model/runner.py).
+        Returns the (sequence, logit row) pairs to sample, the logits and the tokens processed."""
         dev, bs = self.device, self.block_size
         pieces, positions, slots, prefills, emit = [], [], [], [], []
         row = 0
@@ -424,11 +473,11 @@ class Engine:
             s.cached += n
             if not s.prefilling:
                 s.embeds = None
-        self.stats["steps"] += 1
-        self.stats["prefill_tokens"] += sum(n for _, n in chunks)
-        self.stats["decode_tokens"] += len(decoding)
-        if not emit:  # only mid-prompt chunks this step
-            return len(positions)
+        return emit, logits, len(positions)
+
+    def _sample(self, emit: list[tuple[_Sequence, int]], logits: torch.Tensor) -> None:
+        """Sample each emitting sequence's next token with its own parameters; retire finished ones."""
+        dev = self.device
         seqs = [s for s, _ in emit]
         banned = [banned_by_ngram(s.tokens, s.params) for s in seqs]
         seen = seen_rows = None
@@ -449,7 +498,6 @@ class Engine:
             s.tokens.append(t)
             if len(s.tokens) >= s.params.max_new_tokens:
                 self._finish(s, "length")
-        return len(positions)
 
     def _in_place_groups(self, here: list[tuple[int, int, int]]) -> list[InPlace]:
         """Decode tokens read in place, grouped into evenly spaced runs (one strided view each)."""

@@ -45,6 +45,14 @@ class BlockAllocator:
         self._count -= n
         return blocks.tolist()
 
+    def take_last(self) -> int:
+        """Withhold the pool's last block for the engine's own use (first fit keeps the others' layout)."""
+        if not self._free[-1]:
+            raise MemoryError("the last cache block is taken")
+        self._free[-1] = False
+        self._count -= 1
+        return self.num_blocks - 1
+
     def release(self, blocks: list[int]) -> None:
         self._free[blocks] = True
         self._count += len(blocks)

@@ -68,6 +68,7 @@ class JobConfig(BaseModel):
     engine_max_seqs: int | None = Field(None, gt=0, description="Sequences a model actor's engine decodes at once; default 256 on a GPU, 64 on CPU (also capped by the KV cache).")
     engine_kv_cache_tokens: int | None = Field(None, gt=0, description="KV cache size in tokens; default: planned from the GPU's free memory (CPU: an eighth of the available RAM, at most 1 GiB).")
     engine_max_step_tokens: int | None = Field(None, gt=0, description="Tokens per engine step (decode tokens + prefill chunks); default 8192 on a GPU, 1024 on CPU.")
+    engine_cuda_graphs: bool | None = Field(None, description="Replay the engine's decode-only steps as CUDA graphs at bucketed batch sizes; default on when the model is on a GPU without expert parallelism (a capture that fails turns them off by itself). Off: every step runs eagerly.")
     expert_parallel_size: int = Field(1, ge=1, description="Processes (GPUs) per model replica: the routed experts sharded over a group of this many rank actors in one STRICT_PACK placement group on one node, each with cpus_per_model_worker and gpus_per_worker; the Ray Data model actor leads the group and spreads its items over the ranks. 1 = one process per replica.")
     vision_workers: int = Field(0, ge=0, description="Actors running the vision tower and projector as their own stage, passing image embeddings (float32 on CPU) to the model actors; each with cpus_per_model_worker and gpus_per_worker. 0 = the vision tower runs inside the model actors.")
     max_actor_restarts: int = Field(3, ge=-1, description="Restarts of a crashed actor (its batch is retried on the replacement); -1 = unlimited.")
@@ -140,6 +141,8 @@ class JobConfig(BaseModel):
             raise ValueError("prompt must contain exactly one <image> placeholder")
         if self.markdown is not None and self.job != "digitize":
             raise ValueError("markdown is a digitize option")
+        if self.engine_cuda_graphs and self.expert_parallel_size > 1:
+            raise ValueError("engine_cuda_graphs cannot be used with expert_parallel_size > 1 (its steps hold collectives)")
         return self
 
     # ------------------------------------------------------------------------------------------

@@ -63,13 +63,18 @@ def test_mixed_workload_equals_generate_alone(loaded):
     assert len(lengths) == 5 and min(lengths) < 60 and max(lengths) > 1400
     want = [oracle(model, processor, prep, p) for prep, p in items]
     # a small step budget: long prompts are prefilled in chunks, mixed with other requests' decode steps;
-    # decode attention both in place (CPU default) and over gathered blocks (the CUDA path)
-    for in_place in (True, False):
-        engine = Engine(model, processor, kv_cache_tokens=16384, max_step_tokens=256, max_seqs=8,
-                        in_place_decode=in_place)
+    # decode attention in place (CPU default), over gathered blocks (the CUDA path), and decode-only steps
+    # at the bucketed shapes CUDA graphs replay (run eagerly here; batches padded up to 1, 2, 4 or 8)
+    for opts in ({"in_place_decode": True}, {"in_place_decode": False}, {"static_decode": True}):
+        engine = Engine(model, processor, kv_cache_tokens=16384, max_step_tokens=256, max_seqs=8, **opts)
         results = engine.generate([p for p, _ in items], [p for _, p in items])
         check_results(name, items, results, want)
-        assert engine.stats["steps"] > 0 and engine.blocks.free == engine.plan.num_blocks  # every block returned
+        assert engine.stats["steps"] > 0 and engine.blocks.free == engine.usable_blocks  # every block returned
+        if "static_decode" in opts:
+            assert engine.stats["static_decode_steps"] > 0 and engine.stats["static_decode_padded_rows"] > 0
+            assert engine.usable_blocks == engine.plan.num_blocks - 1  # the scratch block
+        else:
+            assert engine.static is None and engine.usable_blocks == engine.plan.num_blocks
 
 
 def check_results(name, items, results, want):
@@ -335,3 +340,21 @@ def test_pixel_tiles_are_normalized_on_the_device_with_the_same_bits(loaded):
     params = SamplingParams(max_new_tokens=4)
     want = [r.tokens for r in Engine(model, processor).generate(floats, params)]
     assert [r.tokens for r in Engine(model, processor).generate(pixels, params)] == want
+
+
+def test_cuda_graph_failure_falls_back_to_eager_steps(fixtures_dir):
+    """A capture that fails (here: no CUDA at all) turns graphs off with its reason and the step still
+    runs, eagerly, with the same tokens; asking for graphs on a CPU model is an error."""
+    model, processor = load_pretrained(fixtures_dir / "tiny_mha-seed1")
+    cases = load_cases(fixtures_dir / "tiny_mha-seed1.golden.npz")
+    preps = [processor.prepare(cases[c]["conversation"], cases[c]["images"]) for c in ("text_only", "grounding_ref")]
+    with pytest.raises(ValueError, match="CUDA graphs need a CUDA device"):
+        Engine(model, processor, kv_cache_tokens=4096, cuda_graphs=True)
+    engine = Engine(model, processor, kv_cache_tokens=4096, static_decode=True)
+    engine.static.use_graphs = True  # as on CUDA: the first decode-only step tries to capture
+    p = SamplingParams(max_new_tokens=6)
+    got = engine.generate(preps, p)
+    assert [r.tokens for r in got] == [oracle(model, processor, prep, p) for prep in preps]
+    assert engine.stats["cuda_graph_fallbacks"] == 1 and not engine.static.use_graphs
+    assert "batch 2" in engine.static.fallback and engine.stats["cuda_graph_captures"] == 0
+    assert engine.stats["static_decode_steps"] >= 4  # the later steps ran eagerly at the bucketed shapes

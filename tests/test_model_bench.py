@@ -65,6 +65,9 @@ def test_gpu_engine_rehearsal_on_cpu(tmp_path, fixtures_dir):
     assert not [k for k, v in report.items() if isinstance(v, dict) and "error" in v]
     assert report["tiny_page"]["generated_tokens"] == 4 and report["tiny_catalog"]["baseline_items_per_s"] > 0
     assert report["tiny_page_in_place"]["in_place_decode"] is True and report["tiny_page_in_place"]["generated_tokens"] == 4
+    # CUDA graphs: never on a CPU device (auto), and the eager comparison run is there
+    assert report["tiny_page"]["cuda_graphs"]["on"] is False and report["tiny_page"]["cuda_graphs"]["fallback"] is None
+    assert report["tiny_page_no_graphs"]["generated_tokens"] == 4 and not report["tiny_page_no_graphs"]["cuda_graphs"]["on"]
     cases = report["engine_vs_generate_tiny_mha-seed1"]
     assert len(cases) == 5 and all(c["engine_vs_generate"] == c["of"] == 8 for c in cases.values())
     for w in ("page", "catalog"):  # the profiled phases ran: all prompts prefilled, then 20 decode steps

@@ -29,6 +29,7 @@ def test_yaml_then_overrides(tmp_path):
     ("device: tpu", "device"),
     ("num_model_workers_min: 3\nnum_model_workers_max: 2", "num_model_workers_max"),
     ("prompt: 'no image here'", "prompt"),
+    ("engine_cuda_graphs: true\nexpert_parallel_size: 2", "engine_cuda_graphs"),
 ])
 def test_bad_config_names_field(tmp_path, text, field):
     p = write(tmp_path, "input: a\noutput: b\nmodel: m\n" + text + "\n")
@@ -72,3 +73,11 @@ def test_shipped_configs_are_valid():
     for job in ("digitize", "catalog"):
         c = load_config(root / f"{job}.yaml", {"input": "samples", "model": "smoke", "job": job})
         assert c.output.startswith("sqlite:///") and "<image>" in c.effective_prompt
+
+
+def test_engine_options_reach_the_engine():
+    from pipeline.generate import engine_limits
+
+    assert engine_limits(JobConfig(**BASE, job="catalog")) == {}
+    c = JobConfig(**BASE, job="catalog", engine_max_seqs=32, engine_cuda_graphs=False)
+    assert engine_limits(c) == {"max_seqs": 32, "cuda_graphs": False}

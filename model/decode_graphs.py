@@ -1,0 +1,133 @@
+"""Decode steps at fixed shapes, so that CUDA can replay each as a graph.
+
+A decode-only step (every running sequence past its prompt) does the same work every time; only its sizes
+change. On a GPU at small and middle batches such a step is bound by kernel launches (per layer ~25
+kernels, and Python around each), which a CUDA graph replays without either. So these steps run at
+bucketed sizes from static input buffers: the batch `B` is the next bucket up from the sequences decoding,
+the block-table width `W` the longest sequence's blocks rounded up to `width_granule` tokens. Padding rows
+feed token 0 at position 0, write to a scratch block no sequence owns and attend to that one slot;
+padded table entries point at the scratch block and are masked out by length. Attention gathers each
+sequence's blocks (in a graph the block tables are data, not Python lists), the rest is `forward_step`.
+
+On CUDA each (B, W) is captured the first time it is needed, into one memory pool shared by all of them
+(they are replayed one at a time), and checked once against the same step run eagerly; a capture that
+fails or disagrees turns graphs off for this engine (logged, `stats["cuda_graph_fallbacks"]`) and the
+step runs eagerly, as every step does on CPU, where the fixed shapes only serve the tests.
+"""
+from __future__ import annotations
+
+import collections
+import logging
+import math
+
+import torch
+
+from .kv_cache import PagedKVCache
+from .runner import DecodeGroup, StepBatch, forward_step
+
+log = logging.getLogger(__name__)
+
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256)
+
+
+class StaticDecode:
+    def __init__(self, language, cache: PagedKVCache, scratch_block: int, max_batch: int, max_tokens: int,
+                 *, graphs: bool, width_granule: int = 512, stats: collections.Counter | None = None):
+        dev = language.lm_head.weight.device
+        if graphs and dev.type != "cuda":
+            raise ValueError(f"CUDA graphs need a CUDA device; the model is on {dev}")
+        self.language, self.cache, self.device = language, cache, dev
+        bs = cache.block_size
+        self.granule = max(1, math.ceil(width_granule / bs))  # in blocks
+        self.max_blocks = -(-math.ceil(max_tokens / bs) // self.granule) * self.granule
+        self.buckets = sorted({b for b in BATCH_BUCKETS if b < max_batch} | {max_batch})
+        self.scratch = scratch_block
+        top = self.buckets[-1]
+        self.tokens = torch.zeros(top, dtype=torch.long, device=dev)
+        self.positions = torch.zeros(top, dtype=torch.long, device=dev)
+        self.slots = torch.zeros(top, dtype=torch.long, device=dev)
+        self.tables = torch.zeros(top, self.max_blocks, dtype=torch.long, device=dev)
+        self.lengths = torch.ones(top, dtype=torch.long, device=dev)
+        self.rows = torch.arange(top, device=dev)
+        self.logits = torch.empty(top, language.lm_head.weight.shape[0], dtype=torch.float32, device=dev)
+        self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
+        self.use_graphs = graphs
+        self.pool = None
+        self.fallback: str | None = None  # why graphs were turned off
+        self.stats = stats if stats is not None else collections.Counter()
+
+    def shape(self, n: int, blocks: int) -> tuple[int, int] | None:
+        """(B, W) for `n` sequences whose longest needs `blocks` blocks; None when beyond the buckets."""
+        b = next((b for b in self.buckets if b >= n), None)
+        w = -(-blocks // self.granule) * self.granule
+        return (b, w) if b is not None and w <= self.max_blocks else None
+
+    def run(self, tokens: list[int], positions: list[int], slots: list[int], tables: list[list[int]],
+            lengths: list[int]) -> torch.Tensor:
+        """One decode step -> float32 logits [n, vocab] (a view of a buffer the next step overwrites)."""
+        n, bs = len(tokens), self.cache.block_size
+        b, w = self.shape(n, max(len(t) for t in tables))
+        pad = b - n
+        table = torch.full((b, w), self.scratch, dtype=torch.long)
+        for i, t in enumerate(tables):
+            table[i, : len(t)] = torch.tensor(t)
+        host = torch.tensor([tokens + [0] * pad, positions + [0] * pad,
+                             slots + [self.scratch * bs] * pad, lengths + [1] * pad])
+        self.tokens[:b].copy_(host[0])
+        self.positions[:b].copy_(host[1])
+        self.slots[:b].copy_(host[2])
+        self.lengths[:b].copy_(host[3])
+        self.tables[:b, :w].copy_(table)
+        graph = self.graphs.get((b, w)) if self.use_graphs else None
+        if graph is not None:
+            graph.replay()
+            self.stats["cuda_graph_replays"] += 1
+        elif self.use_graphs:
+            self._capture(b, w)
+        else:
+            self._forward(b, w)
+        self.stats["static_decode_steps"] += 1
+        self.stats["static_decode_padded_rows"] += pad
+        return self.logits[:n]
+
+    def _forward(self, b: int, w: int) -> None:
+        """The step over the buffers' first `b` rows and `w` table columns, logits into `self.logits`."""
+        bs = self.cache.block_size
+        embeds = self.language.model.embed_tokens(self.tokens[:b]).to(self.language.lm_head.weight.dtype)
+        mask = (torch.arange(w * bs, device=self.device)[None] < self.lengths[:b, None])[:, None, None]
+        step = StepBatch(embeds=embeds, positions=self.positions[:b], slots=self.slots[:b],
+                         decodes=[DecodeGroup(rows=self.rows[:b], blocks=self.tables[:b, :w], mask=mask)],
+                         logit_rows=self.rows[:b])
+        self.logits[:b].copy_(forward_step(self.language, step, self.cache))
+
+    def _capture(self, b: int, w: int) -> None:
+        """Capture (B, W), replay it and check it against the eager step; any failure turns graphs off.
+        Running the step more than once is harmless: it writes the same keys to the same slots."""
+        try:
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side):  # warm-up: lazy state (joined weights, rotary tables) made outside
+                self._forward(b, w)
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            eager = self.logits[:b].clone()
+            if self.pool is None:
+                self.pool = torch.cuda.graph_pool_handle()
+            graph = torch.cuda.CUDAGraph()
+            # thread_local: other threads of the process (the pipeline's UDF) may use the device meanwhile
+            with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
+                self._forward(b, w)
+            graph.replay()
+            diff = (self.logits[:b] - eager).abs().max().item()
+            scale = eager.abs().max().item()
+            if not diff <= 1e-2 * scale + 1e-3:
+                raise RuntimeError(f"replay differs from the eager step by {diff:.3g} (logits up to {scale:.3g})")
+        except Exception as e:  # noqa: BLE001 - graphs are an optimisation: fall back to eager steps
+            self.use_graphs, self.fallback = False, f"batch {b}, width {w * self.cache.block_size}: " \
+                                                     f"{type(e).__name__}: {e}"
+            self.graphs.clear()
+            self.stats["cuda_graph_fallbacks"] += 1
+            log.warning("CUDA graphs turned off, decode steps run eagerly: %s", self.fallback)
+            self._forward(b, w)
+            return
+        self.graphs[(b, w)] = graph
+        self.stats["cuda_graph_captures"] += 1
