@@ -154,6 +154,7 @@ class Engine:
         if cuda_graphs is None:
             cuda_graphs = self.device.type == "cuda" and self.ep is None and (static_decode is None or static_decode)
         self.static: StaticDecode | None = None
+        self._static_eager = bool(static_decode)  # keep the bucketed steps if graphs fall back
         if cuda_graphs or static_decode:
             scratch = self.blocks.take_last()  # padding rows write here; no sequence owns it
             self.usable_blocks -= 1
@@ -400,8 +401,8 @@ class Engine:
 
     def _static_step(self, decoding: list[_Sequence]) -> torch.Tensor | None:
         """A decode-only step at bucketed shapes (CUDA graphs), or None when it has no bucket."""
-        if self.static is None or not decoding:
-            return None
+        if self.static is None or not decoding or (self.static.fallback and not self._static_eager):
+            return None  # after a failed capture the packed step (decode groups) wastes less than the buckets
         bs = self.block_size
         lengths = [s.prompt_len + len(s.tokens) for s in decoding]  # cached tokens once this one is written
         if self.static.shape(len(decoding), -(-max(lengths) // bs)) is None:

@@ -358,3 +358,9 @@ def test_cuda_graph_failure_falls_back_to_eager_steps(fixtures_dir):
     assert engine.stats["cuda_graph_fallbacks"] == 1 and not engine.static.use_graphs
     assert "batch 2" in engine.static.fallback and engine.stats["cuda_graph_captures"] == 0
     assert engine.stats["static_decode_steps"] >= 4  # the later steps ran eagerly at the bucketed shapes
+    # graphs wanted but not the bucketed steps themselves (CUDA's default): after the fallback, packed steps
+    engine = Engine(model, processor, kv_cache_tokens=4096, static_decode=True)
+    engine.static.use_graphs, engine._static_eager = True, False
+    got = engine.generate(preps, p)
+    assert [r.tokens for r in got] == [oracle(model, processor, prep, p) for prep in preps]
+    assert engine.stats["cuda_graph_fallbacks"] == 1 and engine.stats["static_decode_steps"] == 1
