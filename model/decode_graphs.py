@@ -17,9 +17,11 @@ step runs eagerly, as every step does on CPU, where the fixed shapes only serve 
 from __future__ import annotations
 
 import collections
+import itertools
 import logging
 import math
 
+import numpy as np
 import torch
 
 from .kv_cache import PagedKVCache
@@ -43,11 +45,14 @@ class StaticDecode:
         self.buckets = sorted({b for b in BATCH_BUCKETS if b < max_batch} | {max_batch})
         self.scratch = scratch_block
         top = self.buckets[-1]
-        self.tokens = torch.zeros(top, dtype=torch.long, device=dev)
-        self.positions = torch.zeros(top, dtype=torch.long, device=dev)
-        self.slots = torch.zeros(top, dtype=torch.long, device=dev)
-        self.tables = torch.zeros(top, self.max_blocks, dtype=torch.long, device=dev)
-        self.lengths = torch.ones(top, dtype=torch.long, device=dev)
+        # every input in one device buffer, filled from one (pinned) host buffer of the same layout with one
+        # copy per step: tokens, positions, slots, lengths [top] each, then the block tables [top, max_blocks]
+        size = 4 * top + top * self.max_blocks
+        self.inputs = torch.zeros(size, dtype=torch.long, device=dev)
+        self.staging = torch.zeros(size, dtype=torch.long, pin_memory=dev.type == "cuda")
+        self.host = self.staging.numpy()
+        self.tokens, self.positions, self.slots, self.lengths = self.inputs[: 4 * top].view(4, top)
+        self.tables = self.inputs[4 * top :].view(top, self.max_blocks)
         self.rows = torch.arange(top, device=dev)
         self.logits = torch.empty(top, language.lm_head.weight.shape[0], dtype=torch.float32, device=dev)
         self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
@@ -65,19 +70,19 @@ class StaticDecode:
     def run(self, tokens: list[int], positions: list[int], slots: list[int], tables: list[list[int]],
             lengths: list[int]) -> torch.Tensor:
         """One decode step -> float32 logits [n, vocab] (a view of a buffer the next step overwrites)."""
-        n, bs = len(tokens), self.cache.block_size
-        b, w = self.shape(n, max(len(t) for t in tables))
+        n, bs, top = len(tokens), self.cache.block_size, len(self.rows)
+        widths = np.fromiter(map(len, tables), dtype=np.int64, count=n)
+        b, w = self.shape(n, int(widths.max()))
         pad = b - n
-        table = torch.full((b, w), self.scratch, dtype=torch.long)
-        for i, t in enumerate(tables):
-            table[i, : len(t)] = torch.tensor(t)
-        host = torch.tensor([tokens + [0] * pad, positions + [0] * pad,
-                             slots + [self.scratch * bs] * pad, lengths + [1] * pad])
-        self.tokens[:b].copy_(host[0])
-        self.positions[:b].copy_(host[1])
-        self.slots[:b].copy_(host[2])
-        self.lengths[:b].copy_(host[3])
-        self.tables[:b, :w].copy_(table)
+        head = self.host[: 4 * top].reshape(4, top)
+        head[:, :n] = (tokens, positions, slots, lengths)
+        head[:, n:b] = np.array([0, 0, self.scratch * bs, 1])[:, None]  # padding rows: the scratch slot alone
+        table = self.host[4 * top : 4 * top + b * self.max_blocks].reshape(b, self.max_blocks)[:, :w]
+        table[:] = self.scratch
+        table[:n][np.arange(w)[None] < widths[:, None]] = np.fromiter(
+            itertools.chain.from_iterable(tables), dtype=np.int64, count=int(widths.sum()))
+        used = 4 * top + b * self.max_blocks
+        self.inputs[:used].copy_(self.staging[:used], non_blocking=True)
         graph = self.graphs.get((b, w)) if self.use_graphs else None
         if graph is not None:
             graph.replay()
