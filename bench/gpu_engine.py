@@ -169,11 +169,12 @@ def main(argv: list[str] | None = None) -> dict:
         step(f"tiny_{workload}", lambda w=workload, n=n: model_bench.main([
             "--checkpoint", str(args.checkpoint), "--device", args.device, "--dtype", str(dtype).split(".")[1],
             "--workload", w, "--requests", str(n), "--baseline-requests", "1", "--skip-static", *extra]))
-    # decode attention reading the paged cache in place (strided runs; the CPU default) vs gathering blocks
+    # decode attention reading the paged cache in place (strided runs; the CPU default) vs gathering blocks, both
+    # eager (tiny_page_no_graphs below); tiny_page replays its decode-only steps as CUDA graphs
     step("tiny_page_in_place", lambda: model_bench.main([
         "--checkpoint", str(args.checkpoint), "--device", args.device, "--dtype", str(dtype).split(".")[1],
         "--workload", "page", "--requests", str(args.page_requests), "--baseline-requests", "1", "--skip-static",
-        "--in-place-decode", "on", *extra]))
+        "--in-place-decode", "on", "--cuda-graphs", "off", *extra]))
     # the same page run with every step eager (no CUDA graphs): what the graphs save
     step("tiny_page_no_graphs", lambda: model_bench.main([
         "--checkpoint", str(args.checkpoint), "--device", args.device, "--dtype", str(dtype).split(".")[1],

@@ -151,8 +151,9 @@ class Engine:
         if self.ep is not None and (cuda_graphs or static_decode):
             raise ValueError("CUDA graphs / static decode steps cannot run under expert parallelism: its steps hold "
                              "collectives every rank must join once")
-        if cuda_graphs is None:
-            cuda_graphs = self.device.type == "cuda" and self.ep is None and (static_decode is None or static_decode)
+        if cuda_graphs is None:  # asking for in-place decode reads asks for eager steps (a graph cannot move its views)
+            cuda_graphs = (self.device.type == "cuda" and self.ep is None and in_place_decode is not True
+                           and static_decode is not False)
         self.static: StaticDecode | None = None
         self._static_eager = bool(static_decode)  # keep the bucketed steps if graphs fall back
         if cuda_graphs or static_decode:
