@@ -10,9 +10,10 @@ padded table entries point at the scratch block and are masked out by length. At
 sequence's blocks (in a graph the block tables are data, not Python lists), the rest is `forward_step`.
 
 On CUDA each (B, W) is captured the first time it is needed, into one memory pool shared by all of them
-(they are replayed one at a time), and checked once against the same step run eagerly; a capture that
-fails or disagrees turns graphs off for this engine (logged, `stats["cuda_graph_fallbacks"]`) and the
-step runs eagerly, as every step does on CPU, where the fixed shapes only serve the tests.
+(they are replayed one at a time), and checked against the same step run eagerly twice: at capture, and
+at its first replay on the next step's inputs (which catches a graph that kept a stale input). A capture
+that fails or disagrees turns graphs off for this engine (logged, `stats["cuda_graph_fallbacks"]`) and
+the step runs eagerly, as every step does on CPU, where the fixed shapes only serve the tests.
 """
 from __future__ import annotations
 
@@ -56,6 +57,7 @@ class StaticDecode:
         self.rows = torch.arange(top, device=dev)
         self.logits = torch.empty(top, language.lm_head.weight.shape[0], dtype=torch.float32, device=dev)
         self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
+        self.checked: set[tuple[int, int]] = set()  # graphs whose first replay on new inputs agreed with eager
         self.use_graphs = graphs
         self.pool = None
         self.fallback: str | None = None  # why graphs were turned off
@@ -87,6 +89,8 @@ class StaticDecode:
         if graph is not None:
             graph.replay()
             self.stats["cuda_graph_replays"] += 1
+            if (b, w) not in self.checked:  # its first replay on new inputs: does it read them?
+                self._check_against_eager(b, w)
         elif self.use_graphs:
             self._capture(b, w)
         else:
@@ -109,30 +113,57 @@ class StaticDecode:
         """Capture (B, W), replay it and check it against the eager step; any failure turns graphs off.
         Running the step more than once is harmless: it writes the same keys to the same slots."""
         try:
-            side = torch.cuda.Stream(self.device)
-            side.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(side):  # warm-up: lazy state (joined weights, rotary tables) made outside
-                self._forward(b, w)
-            torch.cuda.current_stream(self.device).wait_stream(side)
-            eager = self.logits[:b].clone()
-            if self.pool is None:
-                self.pool = torch.cuda.graph_pool_handle()
-            graph = torch.cuda.CUDAGraph()
-            # thread_local: other threads of the process (the pipeline's UDF) may use the device meanwhile
-            with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
-                self._forward(b, w)
+            graph, self.pool = capture(lambda: self._forward(b, w), self.device, self.pool)
+            eager = self.logits[:b].clone()  # the warm-up's: a capture records kernels, it does not run them
             graph.replay()
-            diff = (self.logits[:b] - eager).abs().max().item()
-            scale = eager.abs().max().item()
-            if not diff <= 1e-2 * scale + 1e-3:
-                raise RuntimeError(f"replay differs from the eager step by {diff:.3g} (logits up to {scale:.3g})")
+            _agree(self.logits[:b], eager)
         except Exception as e:  # noqa: BLE001 - graphs are an optimisation: fall back to eager steps
-            self.use_graphs, self.fallback = False, f"batch {b}, width {w * self.cache.block_size}: " \
-                                                     f"{type(e).__name__}: {e}"
-            self.graphs.clear()
-            self.stats["cuda_graph_fallbacks"] += 1
-            log.warning("CUDA graphs turned off, decode steps run eagerly: %s", self.fallback)
-            self._forward(b, w)
+            self._fall_back(b, w, e, rerun=True)
             return
         self.graphs[(b, w)] = graph
         self.stats["cuda_graph_captures"] += 1
+
+    def _check_against_eager(self, b: int, w: int) -> None:
+        """The graph's first replay after its capture, on the next step's inputs, against the eager step:
+        a graph that read a stale input would still have passed the check at capture."""
+        replayed = self.logits[:b].clone()
+        self._forward(b, w)
+        try:
+            _agree(replayed, self.logits[:b])
+        except RuntimeError as e:
+            self._fall_back(b, w, e, rerun=False)  # the eager step's logits are in place
+            return
+        self.checked.add((b, w))
+
+    def _fall_back(self, b: int, w: int, e: Exception, rerun: bool) -> None:
+        self.use_graphs = False
+        self.fallback = f"batch {b}, width {w * self.cache.block_size}: {type(e).__name__}: {e}"
+        self.graphs.clear()
+        self.stats["cuda_graph_fallbacks"] += 1
+        log.warning("CUDA graphs turned off, decode steps run eagerly: %s", self.fallback)
+        if rerun:
+            self._forward(b, w)
+
+
+def capture(fn, device: torch.device, pool) -> tuple[torch.cuda.CUDAGraph, object]:
+    """`fn()` run once eagerly on a side stream (lazy state is made outside the graph), then captured as
+    a CUDA graph in `pool` (a new pool when None). Returns the graph and the pool."""
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream(device).wait_stream(side)
+    pool = pool if pool is not None else torch.cuda.graph_pool_handle()
+    graph = torch.cuda.CUDAGraph()
+    # thread_local: other threads of the process (the pipeline's UDF) may use the device meanwhile
+    with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
+        fn()
+    return graph, pool
+
+
+def _agree(got: torch.Tensor, want: torch.Tensor) -> None:
+    """Graph and eager logits of one step agree up to rounding (kernels may differ in reduction order)."""
+    diff = (got - want).abs().max().item()
+    scale = want.abs().max().item()
+    if not diff <= 1e-2 * scale + 1e-3:
+        raise RuntimeError(f"graph replay differs from the eager step by {diff:.3g} (logits up to {scale:.3g})")

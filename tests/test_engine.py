@@ -364,3 +364,41 @@ def test_cuda_graph_failure_falls_back_to_eager_steps(fixtures_dir):
     got = engine.generate(preps, p)
     assert [r.tokens for r in got] == [oracle(model, processor, prep, p) for prep in preps]
     assert engine.stats["cuda_graph_fallbacks"] == 1 and engine.stats["static_decode_steps"] == 1
+
+
+@pytest.mark.parametrize("stale", [False, True])
+def test_cuda_graph_bookkeeping_with_a_stand_in_graph(fixtures_dir, monkeypatch, stale):
+    """The capture / replay / check logic of model.decode_graphs on CPU, with a stand-in for a CUDA graph
+    that reruns the step (or, `stale`, replays the logits it saw at capture, as a graph that kept an old
+    input would): graphs are captured per bucket and replayed with the same tokens as `generate`; a stale
+    graph is caught at its first replay on new inputs and graphs are turned off, tokens still right."""
+    import model.decode_graphs as dg
+
+    model, processor = load_pretrained(fixtures_dir / "tiny_mha-seed1")
+    cases = load_cases(fixtures_dir / "tiny_mha-seed1.golden.npz")
+    preps = [processor.prepare(cases[c]["conversation"], cases[c]["images"])
+             for c in ("text_only", "grounding_ref", "two_images_tiled")]
+    params = [SamplingParams(max_new_tokens=n) for n in (5, 8, 12)]
+    engine = Engine(model, processor, kv_cache_tokens=8192, static_decode=True)
+
+    def stand_in(fn, device, pool):
+        fn()  # the warm-up
+        frozen = engine.static.logits.clone()
+
+        class Graph:
+            def replay(self):
+                engine.static.logits.copy_(frozen) if stale else fn()
+        return Graph(), "pool"
+
+    monkeypatch.setattr(dg, "capture", stand_in)
+    engine.static.use_graphs = True
+    got = engine.generate(preps, params)
+    assert [r.tokens for r in got] == [oracle(model, processor, p, sp) for p, sp in zip(preps, params)]
+    if stale:
+        assert engine.stats["cuda_graph_fallbacks"] == 1 and "differs from the eager step" in engine.static.fallback
+        assert not engine.static.use_graphs and not engine.static.graphs
+    else:
+        assert engine.stats["cuda_graph_fallbacks"] == 0 and engine.static.use_graphs
+        assert engine.stats["cuda_graph_captures"] == len(engine.static.graphs) >= 2  # batch buckets 4, 2, 1
+        assert engine.stats["cuda_graph_replays"] > engine.stats["cuda_graph_captures"]
+        assert engine.static.checked and engine.static.checked <= set(engine.static.graphs)  # first replays checked
