@@ -9,8 +9,9 @@
    page again with every step eager (no CUDA graphs for the decode-only steps).
 2. Per fixture case: the engine's bf16 greedy tokens against `model.generate`'s bf16 tokens and against the
    reference's float32 tokens (leading tokens that agree).
-3. A profile of the engine's steps (page and catalog, `--profile-requests` requests): the prefill phase, then 20
-   decode steps, each as a torch.profiler table sorted by device time, with wall ms per step.
+3. A profile of the engine's steps (page and catalog, `--profile-requests` requests, every step eager so the
+   kernels show): the prefill phase, then 20 decode steps, each as a torch.profiler table sorted by device time,
+   with wall ms per step.
 4. The pipeline's model stage on the device without Ray: `Preprocess` then the `Generate` UDF's `__call__` on
    one packed batch of the bundled samples, constructed directly (needs pyyaml and pypdfium2 besides pydantic).
 `--size mini` rehearses all of it on CPU in a minute. The last line printed is the JSON written to `--json`.
@@ -69,7 +70,7 @@ def profile_steps(checkpoint: Path, device: str, dtype: torch.dtype, workload: s
 
     model, processor = load_pretrained(str(checkpoint), device=device, dtype=dtype)
     preps = model_bench.synthetic_requests(processor, workload, requests)
-    engine = Engine(model, processor)
+    engine = Engine(model, processor, cuda_graphs=False)  # eager: a graph replay hides its kernels from the table
     params = SamplingParams(max_new_tokens=decode_steps + 8, ignore_eos=True)
     engine.generate(preps[:1], SamplingParams(max_new_tokens=2, ignore_eos=True))  # warm-up
     cuda = device.startswith("cuda")
