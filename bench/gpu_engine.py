@@ -6,7 +6,7 @@
 1. `model.bench` on the real-size checkpoint for the page and catalog workloads (bf16): items/s, prefill and
    decode tokens/s, vision tiles/s, peak memory, roofline fraction, and the one-at-a-time baseline in the same run;
    page again with decode attention reading the cache in place (strided runs) instead of gathering blocks, and
-   page again with every step eager (no CUDA graphs for the decode-only steps).
+   both page variants again with every step eager (no CUDA graphs for the decode-only steps).
 2. Per fixture case: the engine's bf16 greedy tokens against `model.generate`'s bf16 tokens and against the
    reference's float32 tokens (leading tokens that agree).
 3. A profile of the engine's steps (page and catalog, `--profile-requests` requests, every step eager so the
@@ -166,23 +166,23 @@ def main(argv: list[str] | None = None) -> dict:
             args.json.write_text(json.dumps(result, indent=1) + "\n")
 
     extra = ["--max-new-tokens", str(args.max_new_tokens)] if args.max_new_tokens else []
-    for workload, n in (("page", args.page_requests), ("catalog", args.catalog_requests)):
-        step(f"tiny_{workload}", lambda w=workload, n=n: model_bench.main([
-            "--checkpoint", str(args.checkpoint), "--device", args.device, "--dtype", str(dtype).split(".")[1],
-            "--workload", w, "--requests", str(n), "--baseline-requests", "1", "--skip-static", *extra]))
-    # decode attention reading the paged cache in place (strided runs; the CPU default) vs gathering blocks, both
-    # eager (tiny_page_no_graphs below); tiny_page replays its decode-only steps as CUDA graphs
-    step("tiny_page_in_place", lambda: model_bench.main([
-        "--checkpoint", str(args.checkpoint), "--device", args.device, "--dtype", str(dtype).split(".")[1],
-        "--workload", "page", "--requests", str(args.page_requests), "--baseline-requests", "1", "--skip-static",
-        "--in-place-decode", "on", "--cuda-graphs", "off", *extra]))
-    # the same page run with every step eager (no CUDA graphs): what the graphs save
-    step("tiny_page_no_graphs", lambda: model_bench.main([
-        "--checkpoint", str(args.checkpoint), "--device", args.device, "--dtype", str(dtype).split(".")[1],
-        "--workload", "page", "--requests", str(args.page_requests), "--baseline-requests", "1", "--skip-static",
-        "--cuda-graphs", "off", *extra]))
+
+    def bench(workload: str, n: int, *flags: str) -> dict:
+        return model_bench.main(["--checkpoint", str(args.checkpoint), "--device", args.device, "--dtype",
+                                 str(dtype).split(".")[1], "--workload", workload, "--requests", str(n),
+                                 "--baseline-requests", "1", "--skip-static", *flags, *extra])
+
+    # most telling first (a time-out keeps what ran): the default (decode-only steps as CUDA graphs over
+    # gathered blocks), the same with decode attention reading the pool in place along evenly spaced runs,
+    # catalog, the engine's tokens against generate's, then both page variants with every step eager
+    step("tiny_page", lambda: bench("page", args.page_requests))
+    step("tiny_page_in_place", lambda: bench("page", args.page_requests, "--in-place-decode", "on"))
+    step("tiny_catalog", lambda: bench("catalog", args.catalog_requests))
     for fixture in args.fixtures:
         step(f"engine_vs_generate_{fixture.name}", lambda f=fixture: engine_vs_generate(f, args.device, dtype))
+    step("tiny_page_no_graphs", lambda: bench("page", args.page_requests, "--cuda-graphs", "off"))
+    step("tiny_page_in_place_no_graphs", lambda: bench("page", args.page_requests, "--in-place-decode", "on",
+                                                       "--cuda-graphs", "off"))
     for workload, n in (("page", args.profile_requests), ("catalog", args.profile_requests)):
         step(f"profile_{workload}", lambda w=workload, n=n: profile_steps(args.checkpoint, args.device, dtype, w, n))
     step("pipeline_stage", lambda: pipeline_stage(args.checkpoint, args.device))

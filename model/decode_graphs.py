@@ -7,7 +7,10 @@ bucketed sizes from static input buffers: the batch `B` is the next bucket up fr
 the block-table width `W` the longest sequence's blocks rounded up to `width_granule` tokens. Padding rows
 feed token 0 at position 0, write to a scratch block no sequence owns and attend to that one slot;
 padded table entries point at the scratch block and are masked out by length. Attention gathers each
-sequence's blocks (in a graph the block tables are data, not Python lists), the rest is `forward_step`.
+sequence's blocks (in a graph the block tables are data, not Python lists), or, where every sequence's
+cache is a contiguous reservation and they are evenly spaced (equal reservations side by side, what the
+engine's first fit gives requests admitted together), reads the pool in place through one strided view
+fixed at capture (so a graph is kept per layout too, the newest `max_graphs`); the rest is `forward_step`.
 
 On CUDA each (B, W) is captured the first time it is needed, into one memory pool shared by all of them
 (they are replayed one at a time), and checked against the same step run eagerly twice: at capture, and
@@ -26,7 +29,7 @@ import numpy as np
 import torch
 
 from .kv_cache import PagedKVCache
-from .runner import DecodeGroup, StepBatch, forward_step
+from .runner import DecodeGroup, InPlace, StepBatch, forward_step
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +38,8 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256)
 
 class StaticDecode:
     def __init__(self, language, cache: PagedKVCache, scratch_block: int, max_batch: int, max_tokens: int,
-                 *, graphs: bool, width_granule: int = 512, stats: collections.Counter | None = None):
+                 *, graphs: bool, width_granule: int = 512, max_graphs: int = 64,
+                 stats: collections.Counter | None = None):
         dev = language.lm_head.weight.device
         if graphs and dev.type != "cuda":
             raise ValueError(f"CUDA graphs need a CUDA device; the model is on {dev}")
@@ -56,8 +60,9 @@ class StaticDecode:
         self.tables = self.inputs[4 * top :].view(top, self.max_blocks)
         self.rows = torch.arange(top, device=dev)
         self.logits = torch.empty(top, language.lm_head.weight.shape[0], dtype=torch.float32, device=dev)
-        self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
-        self.checked: set[tuple[int, int]] = set()  # graphs whose first replay on new inputs agreed with eager
+        self.graphs: dict[tuple, torch.cuda.CUDAGraph] = {}  # by (B, W, in-place run or None), oldest first
+        self.checked: set[tuple] = set()  # graphs whose first replay on new inputs agreed with eager
+        self.max_graphs = max_graphs
         self.use_graphs = graphs
         self.pool = None
         self.fallback: str | None = None  # why graphs were turned off
@@ -69,9 +74,17 @@ class StaticDecode:
         w = -(-blocks // self.granule) * self.granule
         return (b, w) if b is not None and w <= self.max_blocks else None
 
+    def in_place_fits(self, b: int, w: int, start: int, stride: int) -> bool:
+        """Whether `b` rows of an evenly spaced run from slot `start` every `stride` slots, `w` blocks long
+        each, lie inside the pool (padding rows continue the run: what they read is masked out)."""
+        return start + (b - 1) * stride + w * self.cache.block_size <= self.cache.num_blocks * self.cache.block_size
+
     def run(self, tokens: list[int], positions: list[int], slots: list[int], tables: list[list[int]],
-            lengths: list[int]) -> torch.Tensor:
-        """One decode step -> float32 logits [n, vocab] (a view of a buffer the next step overwrites)."""
+            lengths: list[int], run: tuple[int, int] | None = None) -> torch.Tensor:
+        """One decode step -> float32 logits [n, vocab] (a view of a buffer the next step overwrites).
+        `run`: (first slot, stride) when row i's cache is the contiguous reservation at first + i * stride
+        (`in_place_fits`): attention then reads the pool in place, one strided view, instead of gathering
+        `tables`; a graph is kept per (B, W, run)."""
         n, bs, top = len(tokens), self.cache.block_size, len(self.rows)
         widths = np.fromiter(map(len, tables), dtype=np.int64, count=n)
         b, w = self.shape(n, int(widths.max()))
@@ -79,70 +92,87 @@ class StaticDecode:
         head = self.host[: 4 * top].reshape(4, top)
         head[:, :n] = (tokens, positions, slots, lengths)
         head[:, n:b] = np.array([0, 0, self.scratch * bs, 1])[:, None]  # padding rows: the scratch slot alone
-        table = self.host[4 * top : 4 * top + b * self.max_blocks].reshape(b, self.max_blocks)[:, :w]
-        table[:] = self.scratch
-        table[:n][np.arange(w)[None] < widths[:, None]] = np.fromiter(
-            itertools.chain.from_iterable(tables), dtype=np.int64, count=int(widths.sum()))
-        used = 4 * top + b * self.max_blocks
+        used = 4 * top
+        if run is None:
+            table = self.host[used : used + b * self.max_blocks].reshape(b, self.max_blocks)[:, :w]
+            table[:] = self.scratch
+            table[:n][np.arange(w)[None] < widths[:, None]] = np.fromiter(
+                itertools.chain.from_iterable(tables), dtype=np.int64, count=int(widths.sum()))
+            used += b * self.max_blocks
         self.inputs[:used].copy_(self.staging[:used], non_blocking=True)
-        graph = self.graphs.get((b, w)) if self.use_graphs else None
+        key = (b, w, run)
+        graph = self.graphs.get(key) if self.use_graphs else None
         if graph is not None:
             graph.replay()
             self.stats["cuda_graph_replays"] += 1
-            if (b, w) not in self.checked:  # its first replay on new inputs: does it read them?
-                self._check_against_eager(b, w)
+            if key not in self.checked:  # its first replay on new inputs: does it read them?
+                self._check_against_eager(key)
         elif self.use_graphs:
-            self._capture(b, w)
+            self._capture(key)
         else:
-            self._forward(b, w)
+            self._forward(key)
         self.stats["static_decode_steps"] += 1
+        self.stats["static_decode_in_place_steps"] += run is not None
         self.stats["static_decode_padded_rows"] += pad
         return self.logits[:n]
 
-    def _forward(self, b: int, w: int) -> None:
-        """The step over the buffers' first `b` rows and `w` table columns, logits into `self.logits`."""
-        bs = self.cache.block_size
+    def _forward(self, key: tuple) -> None:
+        """The step over the buffers' first `b` rows, `w` blocks of cache each (in place along `run`, or
+        gathered by the tables), logits into `self.logits`."""
+        (b, w, run), bs = key, self.cache.block_size
         embeds = self.language.model.embed_tokens(self.tokens[:b]).to(self.language.lm_head.weight.dtype)
         mask = (torch.arange(w * bs, device=self.device)[None] < self.lengths[:b, None])[:, None, None]
-        step = StepBatch(embeds=embeds, positions=self.positions[:b], slots=self.slots[:b],
-                         decodes=[DecodeGroup(rows=self.rows[:b], blocks=self.tables[:b, :w], mask=mask)],
-                         logit_rows=self.rows[:b])
+        rows = self.rows[:b]
+        if run is None:
+            pieces = {"decodes": [DecodeGroup(rows=rows, blocks=self.tables[:b, :w], mask=mask)]}
+        else:
+            pieces = {"in_place": [InPlace(rows=rows, start=run[0], stride=run[1], length=w * bs, mask=mask)]}
+        step = StepBatch(embeds=embeds, positions=self.positions[:b], slots=self.slots[:b], logit_rows=rows,
+                         **pieces)
         self.logits[:b].copy_(forward_step(self.language, step, self.cache))
 
-    def _capture(self, b: int, w: int) -> None:
-        """Capture (B, W), replay it and check it against the eager step; any failure turns graphs off.
-        Running the step more than once is harmless: it writes the same keys to the same slots."""
+    def _capture(self, key: tuple) -> None:
+        """Capture `key`'s step, replay it and check it against the eager step; any failure turns graphs
+        off. Running the step more than once is harmless: it writes the same keys to the same slots."""
+        b = key[0]
         try:
-            graph, self.pool = capture(lambda: self._forward(b, w), self.device, self.pool)
+            graph, self.pool = capture(lambda: self._forward(key), self.device, self.pool)
             eager = self.logits[:b].clone()  # the warm-up's: a capture records kernels, it does not run them
             graph.replay()
             _agree(self.logits[:b], eager)
         except Exception as e:  # noqa: BLE001 - graphs are an optimisation: fall back to eager steps
-            self._fall_back(b, w, e, rerun=True)
+            self._fall_back(key, e, rerun=True)
             return
-        self.graphs[(b, w)] = graph
+        if len(self.graphs) >= self.max_graphs:  # in-place layouts vary with admissions: keep the newest
+            old = next(iter(self.graphs))
+            del self.graphs[old]
+            self.checked.discard(old)
+        self.graphs[key] = graph
         self.stats["cuda_graph_captures"] += 1
 
-    def _check_against_eager(self, b: int, w: int) -> None:
+    def _check_against_eager(self, key: tuple) -> None:
         """The graph's first replay after its capture, on the next step's inputs, against the eager step:
         a graph that read a stale input would still have passed the check at capture."""
+        b = key[0]
         replayed = self.logits[:b].clone()
-        self._forward(b, w)
+        self._forward(key)
         try:
             _agree(replayed, self.logits[:b])
         except RuntimeError as e:
-            self._fall_back(b, w, e, rerun=False)  # the eager step's logits are in place
+            self._fall_back(key, e, rerun=False)  # the eager step's logits are in place
             return
-        self.checked.add((b, w))
+        self.checked.add(key)
 
-    def _fall_back(self, b: int, w: int, e: Exception, rerun: bool) -> None:
+    def _fall_back(self, key: tuple, e: Exception, rerun: bool) -> None:
+        b, w, run = key
         self.use_graphs = False
-        self.fallback = f"batch {b}, width {w * self.cache.block_size}: {type(e).__name__}: {e}"
+        where = f"batch {b}, width {w * self.cache.block_size}" + (f", in place from slot {run[0]}" if run else "")
+        self.fallback = f"{where}: {type(e).__name__}: {e}"
         self.graphs.clear()
         self.stats["cuda_graph_fallbacks"] += 1
         log.warning("CUDA graphs turned off, decode steps run eagerly: %s", self.fallback)
         if rerun:
-            self._forward(b, w)
+            self._forward(key)
 
 
 def capture(fn, device: torch.device, pool) -> tuple[torch.cuda.CUDAGraph, object]:

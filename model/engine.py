@@ -151,9 +151,8 @@ class Engine:
         if self.ep is not None and (cuda_graphs or static_decode):
             raise ValueError("CUDA graphs / static decode steps cannot run under expert parallelism: its steps hold "
                              "collectives every rank must join once")
-        if cuda_graphs is None:  # asking for in-place decode reads asks for eager steps (a graph cannot move its views)
-            cuda_graphs = (self.device.type == "cuda" and self.ep is None and in_place_decode is not True
-                           and static_decode is not False)
+        if cuda_graphs is None:
+            cuda_graphs = self.device.type == "cuda" and self.ep is None and static_decode is not False
         self.static: StaticDecode | None = None
         self._static_eager = bool(static_decode)  # keep the bucketed steps if graphs fall back
         if cuda_graphs or static_decode:
@@ -387,11 +386,12 @@ class Engine:
         return [seq.blocks[p // bs] * bs + p % bs for p in range(start, start + n)]
 
     def _run(self, chunks: list[tuple[_Sequence, int]], decoding: list[_Sequence]) -> int:
-        logits = None if chunks else self._static_step(decoding)
-        if logits is None:
+        static = None if chunks else self._static_step(decoding)
+        if static is None:
             emit, logits, count = self._packed_step(chunks, decoding)
         else:
-            emit, count = [(s, i) for i, s in enumerate(decoding)], len(decoding)
+            logits, rows = static
+            emit, count = [(s, i) for i, s in enumerate(rows)], len(rows)
         self.stats["steps"] += 1
         self.stats["prefill_tokens"] += sum(n for _, n in chunks)
         self.stats["decode_tokens"] += len(decoding)
@@ -400,18 +400,30 @@ class Engine:
         self._sample(emit, logits)
         return count
 
-    def _static_step(self, decoding: list[_Sequence]) -> torch.Tensor | None:
-        """A decode-only step at bucketed shapes (CUDA graphs), or None when it has no bucket."""
+    def _static_step(self, decoding: list[_Sequence]) -> tuple[torch.Tensor, list[_Sequence]] | None:
+        """A decode-only step at bucketed shapes (CUDA graphs): its logits and the sequences of their rows;
+        None when it has no bucket. Where decode reads in place and every sequence's reservation is one of an
+        evenly spaced run, the rows go in slot order and attention reads the pool along that run."""
         if self.static is None or not decoding or (self.static.fallback and not self._static_eager):
             return None  # after a failed capture the packed step (decode groups) wastes less than the buckets
         bs = self.block_size
         lengths = [s.prompt_len + len(s.tokens) for s in decoding]  # cached tokens once this one is written
-        if self.static.shape(len(decoding), -(-max(lengths) // bs)) is None:
+        shape = self.static.shape(len(decoding), -(-max(lengths) // bs))
+        if shape is None:
             return None
+        run = None
+        if self.in_place_decode and all(contiguous(s.blocks) for s in decoding):
+            starts = [s.blocks[0] * bs for s in decoding]
+            runs = strided_runs(starts, lengths, math.inf, self.plan.tokens)
+            if len(runs) == 1:
+                first, stride = starts[runs[0][0]], starts[runs[0][1]] - starts[runs[0][0]] if len(decoding) > 1 else 0
+                if self.static.in_place_fits(*shape, first, stride):
+                    decoding, lengths, run = [decoding[i] for i in runs[0]], [lengths[i] for i in runs[0]], (first, stride)
         pos = [n - 1 for n in lengths]
-        return self.static.run([s.tokens[-1] for s in decoding], pos,
-                               [s.blocks[p // bs] * bs + p % bs for s, p in zip(decoding, pos)],
-                               [s.blocks[: -(-n // bs)] for s, n in zip(decoding, lengths)], lengths)
+        logits = self.static.run([s.tokens[-1] for s in decoding], pos,
+                                 [s.blocks[p // bs] * bs + p % bs for s, p in zip(decoding, pos)],
+                                 [s.blocks[: -(-n // bs)] for s, n in zip(decoding, lengths)], lengths, run)
+        return logits, decoding
 
     def _packed_step(self, chunks: list[tuple[_Sequence, int]], decoding: list[_Sequence]):
         """Any step: prompt chunks and decode tokens packed into one decoder pass (model/runner.py).

@@ -65,13 +65,16 @@ def test_mixed_workload_equals_generate_alone(loaded):
     # a small step budget: long prompts are prefilled in chunks, mixed with other requests' decode steps;
     # decode attention in place (CPU default), over gathered blocks (the CUDA path), and decode-only steps
     # at the bucketed shapes CUDA graphs replay (run eagerly here; batches padded up to 1, 2, 4 or 8)
-    for opts in ({"in_place_decode": True}, {"in_place_decode": False}, {"static_decode": True}):
+    for opts in ({"in_place_decode": True}, {"in_place_decode": False}, {"static_decode": True},
+                 {"static_decode": True, "in_place_decode": False}):
         engine = Engine(model, processor, kv_cache_tokens=16384, max_step_tokens=256, max_seqs=8, **opts)
         results = engine.generate([p for p, _ in items], [p for _, p in items])
         check_results(name, items, results, want)
         assert engine.stats["steps"] > 0 and engine.blocks.free == engine.usable_blocks  # every block returned
         if "static_decode" in opts:
             assert engine.stats["static_decode_steps"] > 0 and engine.stats["static_decode_padded_rows"] > 0
+            if "in_place_decode" in opts:
+                assert engine.stats["static_decode_in_place_steps"] == 0
             assert engine.usable_blocks == engine.plan.num_blocks - 1  # the scratch block
         else:
             assert engine.static is None and engine.usable_blocks == engine.plan.num_blocks
@@ -402,3 +405,48 @@ def test_cuda_graph_bookkeeping_with_a_stand_in_graph(fixtures_dir, monkeypatch,
         assert engine.stats["cuda_graph_captures"] == len(engine.static.graphs) >= 2  # batch buckets 4, 2, 1
         assert engine.stats["cuda_graph_replays"] > engine.stats["cuda_graph_captures"]
         assert engine.static.checked and engine.static.checked <= set(engine.static.graphs)  # first replays checked
+
+
+@pytest.mark.parametrize("checkpoint", ["tiny_mha-seed1", "small_mla-seed1"])
+def test_bucketed_steps_read_an_evenly_spaced_run_in_place(fixtures_dir, monkeypatch, checkpoint):
+    """Requests admitted together with equal reservations lie side by side: the bucketed decode steps then
+    read the pool in place along that run (rows in slot order), a graph per layout, and once finished
+    sequences leave gaps in the run they gather instead; the tokens are generate's throughout."""
+    import model.decode_graphs as dg
+
+    model, processor = load_pretrained(fixtures_dir / checkpoint)
+    cases = load_cases(fixtures_dir / "tiny_mha-seed1.golden.npz")
+    prep = processor.prepare(cases["grounding_ref"]["conversation"], cases["grounding_ref"]["images"])
+    # same prompt, reservations of one granule each; the second request stops first and leaves a gap
+    params = [SamplingParams(max_new_tokens=n, temperature=t, seed=s)
+              for n, t, s in ((9, 0.0, None), (3, 0.0, None), (9, 0.8, 4), (7, 0.0, None), (9, 1.1, 9))]
+    engine = Engine(model, processor, kv_cache_tokens=8192, max_step_tokens=4096, static_decode=True)  # one prefill step
+    keys = []
+
+    def stand_in(fn, device, pool):
+        fn()
+
+        class Graph:
+            def replay(self):
+                fn()
+        return Graph(), "pool"
+
+    monkeypatch.setattr(dg, "capture", stand_in)
+    orig = engine.static._capture
+    engine.static._capture = lambda key: (keys.append(key), orig(key))[1]
+    engine.static.use_graphs = True
+    got = engine.generate([prep] * 5, params)
+    assert [r.tokens for r in got] == [oracle(model, processor, prep, p) for p in params]
+    runs = {k[2] for k in keys if k[2] is not None}
+    reservation = engine._reservation(engine._queue[0] if engine._queue else _probe(engine, prep, params[0]))
+    # side by side (stride = one reservation), and after the gaps rows 0, 2, 4 (stride = two)
+    assert {stride for _, stride in runs} == {reservation * engine.block_size, 2 * reservation * engine.block_size}
+    assert engine.stats["static_decode_in_place_steps"] > 0
+    assert engine.stats["static_decode_steps"] > engine.stats["static_decode_in_place_steps"]  # the gap: gathered
+    assert any(k[2] is None for k in keys) and engine.stats["cuda_graph_fallbacks"] == 0
+
+
+def _probe(engine, prep, params):
+    """A queued-request stand-in, for the engine's reservation arithmetic."""
+    from model.engine import _Sequence
+    return _Sequence(-1, prep, params, None, 0.0, len(prep))

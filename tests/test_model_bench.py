@@ -67,7 +67,9 @@ def test_gpu_engine_rehearsal_on_cpu(tmp_path, fixtures_dir):
     assert report["tiny_page_in_place"]["in_place_decode"] is True and report["tiny_page_in_place"]["generated_tokens"] == 4
     # CUDA graphs: never on a CPU device (auto), and the eager comparison run is there
     assert report["tiny_page"]["cuda_graphs"]["on"] is False and report["tiny_page"]["cuda_graphs"]["fallback"] is None
-    assert report["tiny_page_no_graphs"]["generated_tokens"] == 4 and not report["tiny_page_no_graphs"]["cuda_graphs"]["on"]
+    for name in ("tiny_page_no_graphs", "tiny_page_in_place_no_graphs"):
+        assert report[name]["generated_tokens"] == 4 and not report[name]["cuda_graphs"]["on"]
+    assert report["tiny_page_in_place_no_graphs"]["in_place_decode"] is True
     cases = report["engine_vs_generate_tiny_mha-seed1"]
     assert len(cases) == 5 and all(c["engine_vs_generate"] == c["of"] == 8 for c in cases.values())
     for w in ("page", "catalog"):  # the profiled phases ran: all prompts prefilled, then 20 decode steps
