@@ -416,9 +416,12 @@ class Engine:
             starts = [s.blocks[0] * bs for s in decoding]
             runs = strided_runs(starts, lengths, math.inf, self.plan.tokens)
             if len(runs) == 1:
-                first, stride = starts[runs[0][0]], starts[runs[0][1]] - starts[runs[0][0]] if len(decoding) > 1 else 0
+                order = runs[0]  # slot order
+                first = starts[order[0]]
+                stride = starts[order[1]] - first if len(order) > 1 else 0
                 if self.static.in_place_fits(*shape, first, stride):
-                    decoding, lengths, run = [decoding[i] for i in runs[0]], [lengths[i] for i in runs[0]], (first, stride)
+                    decoding, lengths = [decoding[i] for i in order], [lengths[i] for i in order]
+                    run = (first, stride)
         pos = [n - 1 for n in lengths]
         logits = self.static.run([s.tokens[-1] for s in decoding], pos,
                                  [s.blocks[p // bs] * bs + p % bs for s, p in zip(decoding, pos)],
