@@ -38,6 +38,7 @@ import torch
 
 from .decode_graphs import StaticDecode
 from .kv_cache import BlockAllocator, CachePlan, PagedKVCache, contiguous, plan_cache
+from .language import join_weights
 from .model import _real
 from .processor import PreparedInput
 from .runner import (DecodeGroup, InPlace, Prefill, StepBatch, decode_groups, forward_step, length_mask,
@@ -113,6 +114,7 @@ class Engine:
         self.max_context = max_context or model.cfg.language_config.max_position_embeddings
         if vision_chunk:
             model.vision_chunk = vision_chunk
+        join_weights(lang)  # before the plan: joining moves the weights (see model.language.joined)
         shapes = [layer.self_attn.entry_shapes() for layer in lang.model.layers]
         self.plan: CachePlan = plan_cache(
             shapes, self.dtype, self.device, kv_cache_tokens=kv_cache_tokens,

@@ -114,6 +114,14 @@ def joined(owner: nn.Module, key: str, params: list[torch.Tensor], dim: int) -> 
     return whole
 
 
+def join_weights(module: nn.Module) -> None:
+    """Join every joinable product below `module` now (the engine does, before it plans its cache from the
+    free memory: joining holds a layer's weights twice for a moment, and then once in their new place)."""
+    for m in module.modules():
+        if callable(getattr(m, "joined", None)) and not any(p.is_meta for p in m.parameters(recurse=False)):
+            m.joined()
+
+
 # ---------------------------------------------------------------------------------------------
 # attention
 
@@ -159,14 +167,17 @@ class MHAttention(nn.Module):
         pass over q and k together. The same bits as `project` (tested); on CPU ~20 us less per layer
         and step at 16 tokens."""
         n, h, kv = x.shape[0], self.heads, self.kv_heads
-        weights = [self.q_proj.weight, self.k_proj.weight, self.v_proj.weight]
-        bias = None
-        if self.q_proj.bias is not None:
-            bias = joined(self, "qkv_bias", [self.q_proj.bias, self.k_proj.bias, self.v_proj.bias], 0)
-        y = F.linear(x, joined(self, "qkv", weights, 0), bias).view(n, h + 2 * kv, self.head_dim)
+        y = F.linear(x, *self.joined()).view(n, h + 2 * kv, self.head_dim)
         cos, sin = (t[0, 0][:, None] for t in rope)  # [N, 1, D]
         qk = apply_rope(y[:, : h + kv], cos, sin, False)
         return qk[:, :h].transpose(0, 1)[None], (qk[:, h:], y[:, h + kv :])
+
+    def joined(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """q, k and v's weights (and biases) as one [(H + 2 kv_heads) * D, hidden] product."""
+        w = joined(self, "qkv", [self.q_proj.weight, self.k_proj.weight, self.v_proj.weight], 0)
+        if self.q_proj.bias is None:
+            return w, None
+        return w, joined(self, "qkv_bias", [self.q_proj.bias, self.k_proj.bias, self.v_proj.bias], 0)
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask=None, is_causal: bool = False):
         """q [B,H,q,D]; k, v [B,kv_heads,kv,D] -> attention output projected [B,q,hidden]."""
@@ -339,9 +350,12 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(hidden, inner, bias=False)
         self.down_proj = nn.Linear(inner, hidden, bias=False)
 
+    def joined(self) -> torch.Tensor:
+        """gate and up as one [2 * inner, hidden] product (the parameters are views of it)."""
+        return joined(self, "gate_up", [self.gate_proj.weight, self.up_proj.weight], 0)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # gate and up as one product (their weights joined, the parameters views of it)
-        h = F.linear(x, joined(self, "gate_up", [self.gate_proj.weight, self.up_proj.weight], 0))
+        h = F.linear(x, self.joined())
         inner = self.gate_proj.weight.shape[0]
         return self.down_proj(F.silu(h[..., :inner]) * h[..., inner:])
 
@@ -406,6 +420,10 @@ class Experts(nn.Module):
         self.up_proj = nn.Parameter(torch.empty(num, inner, hidden))
         self.down_proj = nn.Parameter(torch.empty(num, hidden, inner))
 
+    def joined(self) -> torch.Tensor:
+        """Each expert's gate and up as one product, [E, 2 * inner, hidden] (the parameters are views of it)."""
+        return joined(self, "gate_up", [self.gate_proj, self.up_proj], 1)
+
     def _use_grouped(self, x: torch.Tensor, pairs: int) -> bool:
         if self.grouped is not None:
             return self.grouped
@@ -421,8 +439,7 @@ class Experts(nn.Module):
         flat = idx.flatten()
         order = flat.argsort()
         tokens = x[order // k]
-        # gate and up in one product per expert ([E, 2 * inner, hidden]; the parameters are views of it)
-        gate_up, inner = joined(self, "gate_up", [self.gate_proj, self.up_proj], 1), self.gate_proj.shape[1]
+        gate_up, inner = self.joined(), self.gate_proj.shape[1]
         if self._use_grouped(x, flat.numel()):
             # offs[e] = end row of expert e in the sorted tokens; searchsorted stays on the device
             # (bincount on CUDA reads the max back to the host)

@@ -253,7 +253,12 @@ def test_continued_chunk_in_two_parts_matches_the_masked_call():
 
 def test_memory_plan(fixtures_dir):
     model, processor = load_pretrained(fixtures_dir / "small_mla-seed1")
+    moe = next(layer.mlp for layer in model.language.model.layers if hasattr(layer.mlp, "experts"))
+    assert "_joined" not in moe.experts.__dict__
     engine = Engine(model, processor, memory_budget_bytes=2**20, block_size=16)
+    # the products are joined before the plan (joining moves weights), not at the first step
+    assert moe.experts.gate_proj.data_ptr() == moe.experts.__dict__["_joined"]["gate_up"].data_ptr()
+    assert moe.shared_experts.gate_proj.weight.data_ptr() == moe.shared_experts.__dict__["_joined"]["gate_up"].data_ptr()
     cfg = model.cfg.language_config
     per_token = cfg.num_hidden_layers * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * 4  # MLA: latent + rope key
     assert engine.plan.bytes_per_token == per_token
