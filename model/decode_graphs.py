@@ -24,6 +24,7 @@ import collections
 import itertools
 import logging
 import math
+import time
 
 import numpy as np
 import torch
@@ -134,15 +135,17 @@ class StaticDecode:
     def _capture(self, key: tuple) -> None:
         """Capture `key`'s step, replay it and check it against the eager step; any failure turns graphs
         off. Running the step more than once is harmless: it writes the same keys to the same slots."""
-        b = key[0]
+        b, t0 = key[0], time.perf_counter()
         try:
             graph, self.pool = capture(lambda: self._forward(key), self.device, self.pool)
             eager = self.logits[:b].clone()  # the warm-up's: a capture records kernels, it does not run them
             graph.replay()
-            _agree(self.logits[:b], eager)
+            _agree(self.logits[:b], eager)  # reads the logits back: the time below includes the replay
         except Exception as e:  # noqa: BLE001 - graphs are an optimisation: fall back to eager steps
             self._fall_back(key, e, rerun=True)
             return
+        finally:  # what capturing costs a run (warm-up, capture, check): benchmarks report it
+            self.stats["cuda_graph_capture_ms"] += round((time.perf_counter() - t0) * 1000)
         if len(self.graphs) >= self.max_graphs:  # in-place layouts vary with admissions: keep the newest
             old = next(iter(self.graphs))
             del self.graphs[old]

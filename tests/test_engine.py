@@ -409,6 +409,7 @@ def test_cuda_graph_bookkeeping_with_a_stand_in_graph(fixtures_dir, monkeypatch,
         assert engine.stats["cuda_graph_fallbacks"] == 0 and engine.static.use_graphs
         assert engine.stats["cuda_graph_captures"] == len(engine.static.graphs) >= 2  # batch buckets 4, 2, 1
         assert engine.stats["cuda_graph_replays"] > engine.stats["cuda_graph_captures"]
+        assert engine.stats["cuda_graph_capture_ms"] >= 0 and "cuda_graph_capture_ms" in engine.stats
         assert engine.static.checked and engine.static.checked <= set(engine.static.graphs)  # first replays checked
 
 
