@@ -75,20 +75,15 @@ class StaticDecode:
         w = -(-blocks // self.granule) * self.granule
         return (b, w) if b is not None and w <= self.max_blocks else None
 
-    def in_place_fits(self, b: int, w: int, start: int, stride: int) -> bool:
-        """Whether `b` rows of an evenly spaced run from slot `start` every `stride` slots, `w` blocks long
-        each, lie inside the pool (padding rows continue the run: what they read is masked out)."""
-        return start + (b - 1) * stride + w * self.cache.block_size <= self.cache.num_blocks * self.cache.block_size
-
-    def run(self, tokens: list[int], positions: list[int], slots: list[int], tables: list[list[int]],
-            lengths: list[int], run: tuple[int, int] | None = None) -> torch.Tensor:
-        """One decode step -> float32 logits [n, vocab] (a view of a buffer the next step overwrites).
-        `run`: (first slot, stride) when row i's cache is the contiguous reservation at first + i * stride
-        (`in_place_fits`): attention then reads the pool in place, one strided view, instead of gathering
-        `tables`; a graph is kept per (B, W, run)."""
-        n, bs, top = len(tokens), self.cache.block_size, len(self.rows)
+    def run(self, shape: tuple[int, int], tokens: list[int], positions: list[int], slots: list[int],
+            tables: list[list[int]], lengths: list[int], run: tuple[int, int] | None = None) -> torch.Tensor:
+        """One decode step at `shape` (`self.shape`'s) -> float32 logits [n, vocab] (a view of a buffer the
+        next step overwrites). `run`: (first slot, stride) when row i's cache is the contiguous reservation
+        at first + i * stride: attention then reads the pool in place, one strided view of B rows, W blocks
+        each (`PagedKVCache.run_fits`; padding rows continue the run, what they read is masked out), instead
+        of gathering `tables`; a graph is kept per (B, W, run)."""
+        (b, w), n, bs, top = shape, len(tokens), self.cache.block_size, len(self.rows)
         widths = np.fromiter(map(len, tables), dtype=np.int64, count=n)
-        b, w = self.shape(n, int(widths.max()))
         pad = b - n
         head = self.host[: 4 * top].reshape(4, top)
         head[:, :n] = (tokens, positions, slots, lengths)

@@ -421,12 +421,12 @@ class Engine:
                 order = runs[0]  # slot order
                 first = starts[order[0]]
                 stride = starts[order[1]] - first if len(order) > 1 else 0
-                if self.static.in_place_fits(*shape, first, stride):
+                if self.cache.run_fits(first, stride, shape[0], shape[1] * bs):
                     decoding, lengths = [decoding[i] for i in order], [lengths[i] for i in order]
                     run = (first, stride)
         pos = [n - 1 for n in lengths]
-        logits = self.static.run([s.tokens[-1] for s in decoding], pos,
-                                 [s.blocks[p // bs] * bs + p % bs for s, p in zip(decoding, pos)],
+        logits = self.static.run(shape, [s.tokens[-1] for s in decoding], pos,
+                                 [self._slots(s, p, 1)[0] for s, p in zip(decoding, pos)],
                                  [s.blocks[: -(-n // bs)] for s, n in zip(decoding, lengths)], lengths, run)
         return logits, decoding
 

@@ -92,14 +92,19 @@ class PagedKVCache:
         """Slots [start, start + length) of a contiguous reservation, in place: per entry [1, length, *entry]."""
         return self.strided(layer, start, 0, 1, length)
 
+    def run_fits(self, start: int, stride: int, count: int, length: int) -> bool:
+        """Whether `strided(..., start, stride, count, length)` lies inside the pool."""
+        return start + (count - 1) * stride + length <= self.num_blocks * self.block_size
+
     def strided(self, layer: int, start: int, stride: int, count: int, length: int) -> tuple[torch.Tensor, ...]:
         """`count` reservations starting every `stride` slots from `start`, `length` slots each, in place:
         per entry [count, length, *entry] (one view; rows may overlap, which reading allows)."""
+        if not self.run_fits(start, stride, count, length):
+            raise IndexError(f"slots {start}..+{(count - 1) * stride + length} past the pool's "
+                             f"{self.num_blocks * self.block_size}")
         out = []
         for c in self.layers[layer]:
             tm = self._token_major(c)
-            if start + (count - 1) * stride + length > tm.shape[0]:
-                raise IndexError(f"slots {start}..+{(count - 1) * stride + length} past the pool's {tm.shape[0]}")
             s0, *rest = tm.stride()
             out.append(tm.as_strided((count, length, *tm.shape[1:]), (stride * s0, s0, *rest),
                                      tm.storage_offset() + start * s0))

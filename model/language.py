@@ -118,7 +118,7 @@ def join_weights(module: nn.Module) -> None:
     """Join every joinable product below `module` now (the engine does, before it plans its cache from the
     free memory: joining holds a layer's weights twice for a moment, and then once in their new place)."""
     for m in module.modules():
-        if callable(getattr(m, "joined", None)) and not any(p.is_meta for p in m.parameters(recurse=False)):
+        if callable(getattr(m, "joined", None)):
             m.joined()
 
 
@@ -355,9 +355,13 @@ class MLP(nn.Module):
         return joined(self, "gate_up", [self.gate_proj.weight, self.up_proj.weight], 0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = F.linear(x, self.joined())
-        inner = self.gate_proj.weight.shape[0]
-        return self.down_proj(F.silu(h[..., :inner]) * h[..., inner:])
+        return self.down_proj(_silu_gated(F.linear(x, self.joined())))
+
+
+def _silu_gated(h: torch.Tensor) -> torch.Tensor:
+    """A joined gate/up product [..., 2 * inner] -> silu(gate) * up [..., inner]."""
+    gate, up = h.chunk(2, dim=-1)
+    return F.silu(gate) * up
 
 
 class Gate(nn.Module):
@@ -439,7 +443,7 @@ class Experts(nn.Module):
         flat = idx.flatten()
         order = flat.argsort()
         tokens = x[order // k]
-        gate_up, inner = self.joined(), self.gate_proj.shape[1]
+        gate_up = self.joined()
         if self._use_grouped(x, flat.numel()):
             # offs[e] = end row of expert e in the sorted tokens; searchsorted stays on the device
             # (bincount on CUDA reads the max back to the host)
@@ -447,7 +451,7 @@ class Experts(nn.Module):
             offs = torch.searchsorted(flat[order], bounds, out_int32=True)
             mm = torch._grouped_mm
             h = mm(tokens, gate_up.transpose(1, 2), offs=offs)
-            out = mm(F.silu(h[:, :inner]) * h[:, inner:], self.down_proj.transpose(1, 2), offs=offs)
+            out = mm(_silu_gated(h), self.down_proj.transpose(1, 2), offs=offs)
         else:
             counts = torch.bincount(flat, minlength=self.gate_proj.shape[0]).tolist()
             out = torch.empty_like(tokens)
@@ -455,7 +459,7 @@ class Experts(nn.Module):
             for e, c in enumerate(counts):
                 if c:
                     h = tokens[start : start + c] @ gate_up[e].T
-                    out[start : start + c] = (F.silu(h[:, :inner]) * h[:, inner:]) @ self.down_proj[e].T
+                    out[start : start + c] = _silu_gated(h) @ self.down_proj[e].T
                     start += c
         y = torch.empty_like(out)
         y[order] = out
