@@ -165,7 +165,7 @@ def plan_cache(
     per_token = bytes_per_token(entry_shapes, dtype)
     cuda = device.type == "cuda"
     block_size = block_size or (64 if cuda else 16)
-    max_step_tokens = max_step_tokens or (8192 if cuda else 1024)
+    max_step_tokens = max_step_tokens or (8192 if cuda else 2048)
     if kv_cache_tokens is not None:
         budget = kv_cache_tokens * per_token
     elif memory_budget_bytes is not None:

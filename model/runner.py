@@ -34,11 +34,12 @@ class InPlace:
     """Decode tokens whose sequences' caches are contiguous runs starting every `stride` slots from
     `start` (equal reservations side by side): attention reads them in place, as one strided view."""
 
-    rows: torch.Tensor  # [G] packed rows of the tokens, in slot order
+    rows: torch.Tensor | slice  # [G] packed rows of the tokens, in slot order (a slice: consecutive rows)
     start: int  # first slot of the first sequence's reservation
     stride: int  # slots from one sequence's reservation to the next's
     length: int  # the longest sequence's cached tokens, this step's included
-    mask: torch.Tensor | None = None  # [G, 1, 1, length] True at each sequence's real positions; None: all
+    mask: torch.Tensor | None = None  # [G, 1, 1, length] True (or additive 0) at each sequence's real
+    # positions; None: all
 
 
 @dataclass
@@ -56,7 +57,7 @@ class StepBatch:
     prefills: list[Prefill] = field(default_factory=list)
     decodes: list[DecodeGroup] = field(default_factory=list)
     in_place: list[InPlace] = field(default_factory=list)
-    logit_rows: torch.Tensor | None = None  # [S] rows whose next-token logits are wanted
+    logit_rows: torch.Tensor | slice | None = None  # [S] rows whose next-token logits are wanted
 
 
 def decode_groups(lengths: list[int], max_waste: float = 0.25) -> list[list[int]]:
@@ -83,16 +84,19 @@ def strided_runs(starts: list[int], lengths: list[int], max_waste: float = 0.25,
     its last row (last start + the run's longest length) within `limit` slots (the pool's end)."""
     order = sorted(range(len(starts)), key=starts.__getitem__)
     runs: list[list[int]] = []
+    longest = total = 0  # of the last run (kept as it grows: a step's decode tokens pass here every step)
     for i in order:
         if runs:
             r = runs[-1]
             stride_ok = len(r) == 1 or starts[i] - starts[r[-1]] == starts[r[1]] - starts[r[0]]
-            longest = max(lengths[j] for j in r + [i])
-            fits = limit is None or starts[i] + longest <= limit
-            if stride_ok and fits and longest * (len(r) + 1) <= (1 + max_waste) * sum(lengths[j] for j in r + [i]):
+            top = max(longest, lengths[i])
+            fits = limit is None or starts[i] + top <= limit
+            if stride_ok and fits and top * (len(r) + 1) <= (1 + max_waste) * (total + lengths[i]):
                 r.append(i)
+                longest, total = top, total + lengths[i]
                 continue
         runs.append([i])
+        longest = total = lengths[i]
     return runs
 
 
@@ -105,6 +109,11 @@ def _attention(attn, x: torch.Tensor, positions: torch.Tensor, step: StepBatch, 
         q, entries = attn.project(x, positions, rope)
         tok = attn.token_entries(entries)
     cache.write(layer, step.slots, tok)
+    if not step.prefills and not step.decodes and len(step.in_place) == 1 and _all_rows(step.in_place[0].rows,
+                                                                                        x.shape[1]):
+        d = step.in_place[0]  # a decode-only step read in place along one run (the common case): no scatter
+        k, v = attn.kv_from_tokens(cache.strided(layer, d.start, d.stride, x.shape[1], d.length))
+        return attn.o_proj(attn.core(q[0].transpose(0, 1)[:, :, None], k, v, mask=d.mask)[:, 0])[None]
     out = x.new_empty(x.shape[1], attn.o_proj.in_features)
     for p in step.prefills:
         qs = q[:, :, p.row : p.row + p.n]
@@ -120,7 +129,7 @@ def _attention(attn, x: torch.Tensor, positions: torch.Tensor, step: StepBatch, 
             y = attn.core(qs, k, v, mask=p.mask) if p.mask is not None else attn.core_continued(qs, k, v)
         out[p.row : p.row + p.n] = y[0]
     for d in step.in_place:
-        k, v = attn.kv_from_tokens(cache.strided(layer, d.start, d.stride, len(d.rows), d.length))
+        k, v = attn.kv_from_tokens(cache.strided(layer, d.start, d.stride, _count(d.rows), d.length))
         qs = q[0][:, d.rows].transpose(0, 1)[:, :, None]  # [G, H, 1, d]
         out[d.rows] = attn.core(qs, k, v, mask=d.mask)[:, 0]
     for g in step.decodes:
@@ -128,6 +137,21 @@ def _attention(attn, x: torch.Tensor, positions: torch.Tensor, step: StepBatch, 
         k, v = attn.kv_from_tokens(cache.gather(layer, g.blocks))
         out[g.rows] = attn.core(qs, k, v, mask=g.mask)[:, 0]
     return attn.o_proj(out)[None]
+
+
+def _count(rows: torch.Tensor | slice) -> int:
+    return rows.stop - rows.start if isinstance(rows, slice) else len(rows)
+
+
+def _all_rows(rows: torch.Tensor | slice, n: int) -> bool:
+    return isinstance(rows, slice) and rows.start == 0 and rows.stop == n
+
+
+def length_bias(lengths: list[int], n: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """`length_mask` as SDPA's additive mask [G, 1, 1, n] (0 at real positions, -inf past them), made at once."""
+    lens = torch.tensor(lengths, device=device)
+    past = (torch.arange(n, device=device)[None] >= lens[:, None])[:, None, None]
+    return torch.zeros(past.shape, dtype=dtype, device=device).masked_fill_(past, float("-inf"))
 
 
 def length_mask(lengths: list[int], n: int, device: torch.device) -> torch.Tensor:

@@ -322,11 +322,63 @@ def test_equal_reservations_decode_as_one_strided_run(fixtures_dir):
     items = [(preps["text_only"], SamplingParams(max_new_tokens=12, temperature=0.9, seed=s)) for s in range(4)]
     items += [(preps["grounding_ref"], SamplingParams(max_new_tokens=6))]  # another length, same granule
     engine = Engine(model, processor, kv_cache_tokens=16384, max_step_tokens=1024)
-    results = engine.generate([p for p, _ in items], [p for _, p in items])
+    import model.engine as engine_module
+    runs = []  # the in-place runs' rows of each decode-only step
+    step_fn = engine_module.forward_step
+
+    def spy(language, step, cache):
+        if not step.prefills:
+            runs.append([d.rows for d in step.in_place])
+        return step_fn(language, step, cache)
+
+    engine_module.forward_step = spy
+    try:
+        results = engine.generate([p for p, _ in items], [p for _, p in items])
+    finally:
+        engine_module.forward_step = step_fn
     for (prep, p), r in zip(items, results):
         assert r.tokens == oracle(model, processor, prep, p)
     # 5 decode tokens per step read in place by fewer SDPA runs than tokens
     assert engine.stats["in_place_tokens"] >= 2 * engine.stats["in_place_runs"] > 0
+    # rows go in slot order, so a run's rows are a slice (no index, no scatter); once the longer prompt is
+    # done, one run covers every row of the step (attention's no-scatter path)
+    assert runs and all(isinstance(r, slice) for step in runs for r in step)
+    assert [slice(0, 4), slice(4, 5)] in runs and [slice(0, 4)] in runs
+
+
+def test_a_prompt_that_fits_a_step_is_prefilled_whole(fixtures_dir, monkeypatch):
+    """A prompt no longer than the step budget is never split (it waits for a step it fits whole, so its
+    attention is one causal call); one longer than the budget is split, starting a step; tokens as alone."""
+    model, processor = load_pretrained(fixtures_dir / "tiny_mha-seed1")
+    cases = load_cases(fixtures_dir / "tiny_mha-seed1.golden.npz")
+    preps = {c: processor.prepare(g["conversation"], g["images"]) for c, g in cases.items()}
+    names = ["grounding_ref", "two_images_tiled", "text_only", "three_images_untiled", "single_1000x400_rgba",
+             "grounding_ref"]
+    budget = 1400  # holds every prompt but the 1,444-token one, and no two of the long ones together
+    engine = Engine(model, processor, kv_cache_tokens=16384, max_step_tokens=budget)
+    seen: list[list[tuple[int, int, int]]] = []  # per step: (request, first token, tokens) of each chunk
+    run = engine._run
+
+    def spy(chunks, decoding):
+        seen.append([(s.id, s.cached, n) for s, n in chunks])
+        return run(chunks, decoding)
+
+    monkeypatch.setattr(engine, "_run", spy)
+    p = SamplingParams(max_new_tokens=5)
+    results = engine.generate([preps[n] for n in names], p)
+    for n, r in zip(names, results):
+        assert r.tokens == oracle(model, processor, preps[n], p)
+    pieces: dict[int, list[tuple[int, int, int]]] = {}
+    for i, step in enumerate(seen):
+        for k, (rid, start, n) in enumerate(step):
+            pieces.setdefault(rid, []).append((i, k, start, n))
+    lengths = {i: len(preps[n]) for i, n in enumerate(names)}
+    for rid, chunks in pieces.items():
+        if lengths[rid] <= budget - 16:  # fits a step beside the decode tokens: one chunk
+            assert [(c[2], c[3]) for c in chunks] == [(0, lengths[rid])], (rid, chunks)
+        else:  # split, its first chunk first in its step
+            assert len(chunks) == 2 and chunks[0][1] == 0 and chunks[0][2] == 0, (rid, chunks)
+    assert any(len(step) > 1 for step in seen)  # short prompts still share steps
 
 
 def test_pixel_tiles_are_normalized_on_the_device_with_the_same_bits(loaded):
