@@ -33,7 +33,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 
 REPO = Path(__file__).resolve().parents[1]
@@ -42,7 +41,7 @@ sys.path.insert(0, str(REPO))
 from model import load_pretrained  # noqa: E402
 from model.processor import BatchInputs  # noqa: E402
 from model.smoke import write_smoke_checkpoint  # noqa: E402
-from model.expert_parallel import join_group, rendezvous_store  # noqa: E402
+from model.expert_parallel import join_group, leave_group, rendezvous_store  # noqa: E402
 
 # The released deepseek-vl2 variants' decoder dims (model/presets.py) for the projection.
 VARIANTS = {
@@ -144,7 +143,7 @@ def _rank(rank: int, world: int, port: int, cfg: dict, out: str) -> None:
         result["plain_prefill_ms"] = 1e3 * statistics.median(t for i, t in enumerate(steps) if i % n == 0)
         result["plain_decode_step_ms"] = 1e3 * statistics.median(t for i, t in enumerate(steps) if i % n != 0)
     torch.save(result, Path(out) / f"rank{rank}.pt")
-    dist.destroy_process_group()
+    leave_group()
 
 
 def run(world: int, cfg: dict) -> list[dict]:

@@ -13,10 +13,9 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
 
 from model import Engine, SamplingParams, load_pretrained
-from model.expert_parallel import join_group
+from model.expert_parallel import join_group, leave_group
 from tests.conftest import FIXTURES
 from tests.test_engine import oracle
 from tests.test_expert_parallel import RANK_TIMEOUT_S, _conv, _image, run_group
@@ -71,7 +70,7 @@ def _rank(rank: int, world: int, port: int, out: str) -> None:
             "received": sum(sum(x.received) for x in traffic.exchanges),
         }
     torch.save(results, Path(out) / f"rank{rank}.pt")
-    dist.destroy_process_group()
+    leave_group()
 
 
 @pytest.fixture(scope="module")

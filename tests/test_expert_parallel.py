@@ -26,7 +26,7 @@ from safetensors.torch import load_file, save_file
 
 from model import CheckpointError, load_pretrained
 from model.checkpoint import CheckpointReader
-from model.expert_parallel import ExpertParallelMoE, join_group, rendezvous_store
+from model.expert_parallel import ExpertParallelMoE, join_group, leave_group, rendezvous_store
 from model.language import Experts
 from tests.conftest import FIXTURES
 
@@ -150,7 +150,7 @@ def _rank(rank: int, world: int, port: int, out: str) -> None:
             "exchanges": [(x.sent, x.received) for x in traffic.exchanges],
         }
     torch.save(results, Path(out) / f"rank{rank}.pt")
-    dist.destroy_process_group()
+    leave_group()
 
 
 def run_group(world: int, calls: dict, tmp: Path, fn=None) -> list:
@@ -232,7 +232,7 @@ def _load_error(rank: int, world: int, port: int, out: str) -> None:
     except CheckpointError as e:
         error = str(e)
     torch.save(error, Path(out) / f"rank{rank}.pt")
-    dist.destroy_process_group()
+    leave_group()
 
 
 def test_every_rank_names_a_missing_expert_of_another_rank(tmp_path):
