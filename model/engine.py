@@ -42,8 +42,8 @@ from .kv_cache import BlockAllocator, CachePlan, PagedKVCache, contiguous, plan_
 from .language import join_weights
 from .model import _real
 from .processor import PreparedInput
-from .runner import (DecodeGroup, InPlace, Prefill, StepBatch, decode_groups, forward_step, length_bias,
-                     length_mask, strided_runs)
+from .runner import (DecodeGroup, InPlace, Prefill, StepBatch, decode_groups, forward_step, length_mask,
+                     strided_runs)
 from .sampling import SamplingParams, banned_by_ngram, new_generator, sample
 
 
@@ -530,17 +530,15 @@ class Engine:
 
     def _in_place_groups(self, here: list[tuple[int, int, int]]) -> list[InPlace]:
         """Decode tokens read in place, grouped into evenly spaced runs (one strided view each). `here` comes in
-        slot order (see `_packed_step`), so a run's rows are consecutive: a slice, not an index."""
+        slot order (see `_packed_step`), which `strided_runs` keeps: a run is consecutive entries of it, so its
+        rows are a slice, not an index."""
         out = []
         for run in strided_runs([h[1] for h in here], [h[2] for h in here], self.decode_waste, self.plan.tokens):
             rows, starts, lens = zip(*(here[i] for i in run))
             length = max(lens)
-            consecutive = list(rows) == list(range(rows[0], rows[0] + len(rows)))
-            out.append(InPlace(rows=slice(rows[0], rows[0] + len(rows)) if consecutive
-                               else torch.tensor(rows, device=self.device),
-                               start=starts[0], stride=starts[1] - starts[0] if len(run) > 1 else 0, length=length,
-                               mask=length_bias(list(lens), length, self.device, self.dtype)
-                               if min(lens) != length else None))
+            out.append(InPlace(rows=slice(rows[0], rows[0] + len(rows)), start=starts[0],
+                               stride=starts[1] - starts[0] if len(run) > 1 else 0, length=length,
+                               mask=length_mask(list(lens), length, self.device) if min(lens) != length else None))
         return out
 
     def _finish(self, s: _Sequence, reason: str, error: str | None = None) -> None:

@@ -38,8 +38,7 @@ class InPlace:
     start: int  # first slot of the first sequence's reservation
     stride: int  # slots from one sequence's reservation to the next's
     length: int  # the longest sequence's cached tokens, this step's included
-    mask: torch.Tensor | None = None  # [G, 1, 1, length] True (or additive 0) at each sequence's real
-    # positions; None: all
+    mask: torch.Tensor | None = None  # [G, 1, 1, length] True at each sequence's real positions; None: all
 
 
 @dataclass
@@ -109,11 +108,6 @@ def _attention(attn, x: torch.Tensor, positions: torch.Tensor, step: StepBatch, 
         q, entries = attn.project(x, positions, rope)
         tok = attn.token_entries(entries)
     cache.write(layer, step.slots, tok)
-    if not step.prefills and not step.decodes and len(step.in_place) == 1 and _all_rows(step.in_place[0].rows,
-                                                                                        x.shape[1]):
-        d = step.in_place[0]  # a decode-only step read in place along one run (the common case): no scatter
-        k, v = attn.kv_from_tokens(cache.strided(layer, d.start, d.stride, x.shape[1], d.length))
-        return attn.o_proj(attn.core(q[0].transpose(0, 1)[:, :, None], k, v, mask=d.mask)[:, 0])[None]
     out = x.new_empty(x.shape[1], attn.o_proj.in_features)
     for p in step.prefills:
         qs = q[:, :, p.row : p.row + p.n]
@@ -141,17 +135,6 @@ def _attention(attn, x: torch.Tensor, positions: torch.Tensor, step: StepBatch, 
 
 def _count(rows: torch.Tensor | slice) -> int:
     return rows.stop - rows.start if isinstance(rows, slice) else len(rows)
-
-
-def _all_rows(rows: torch.Tensor | slice, n: int) -> bool:
-    return isinstance(rows, slice) and rows.start == 0 and rows.stop == n
-
-
-def length_bias(lengths: list[int], n: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """`length_mask` as SDPA's additive mask [G, 1, 1, n] (0 at real positions, -inf past them), made at once."""
-    lens = torch.tensor(lengths, device=device)
-    past = (torch.arange(n, device=device)[None] >= lens[:, None])[:, None, None]
-    return torch.zeros(past.shape, dtype=dtype, device=device).masked_fill_(past, float("-inf"))
 
 
 def length_mask(lengths: list[int], n: int, device: torch.device) -> torch.Tensor:

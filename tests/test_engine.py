@@ -341,7 +341,7 @@ def test_equal_reservations_decode_as_one_strided_run(fixtures_dir):
     # 5 decode tokens per step read in place by fewer SDPA runs than tokens
     assert engine.stats["in_place_tokens"] >= 2 * engine.stats["in_place_runs"] > 0
     # rows go in slot order, so a run's rows are a slice (no index, no scatter); once the longer prompt is
-    # done, one run covers every row of the step (attention's no-scatter path)
+    # done, one run covers every row of the step
     assert runs and all(isinstance(r, slice) for step in runs for r in step)
     assert [slice(0, 4), slice(4, 5)] in runs and [slice(0, 4)] in runs
 
