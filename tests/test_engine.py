@@ -226,6 +226,31 @@ def test_grouped_expert_kernel_matches_loop(fixtures_dir):
     assert not big._use_grouped(torch.zeros(8, 1024), 16)
 
 
+
+def test_grouped_expert_calls_pass_torchs_checks_at_the_released_shapes():
+    """The bf16 CUDA path's `torch._grouped_mm` calls, run on the meta device: torch's own shape, dtype,
+    stride and 16-byte alignment checks (the ones the CUDA kernel applies) pass for the layouts the
+    experts hand it at tiny's, small's and base's real expert shapes, with no GPU here. Passes on torch
+    2.13 and on 2.11 (the device image's; checked 2026-12-02)."""
+    from model.presets import make_config
+
+    for variant in ("tiny", "small", "base"):
+        lc = make_config(variant, "full")["language_config"]
+        hidden, inner, num, k = (lc["hidden_size"], lc["moe_intermediate_size"], lc["n_routed_experts"],
+                                 lc["num_experts_per_tok"])
+        e = Experts(num, hidden, inner).to(device="meta", dtype=torch.bfloat16)
+        e.grouped = True
+        for n in (1, 37, 512):
+            x = torch.empty(n, hidden, device="meta", dtype=torch.bfloat16)
+            idx = torch.empty(n, k, device="meta", dtype=torch.int64)
+            y = e(x, idx, torch.empty(n, k, device="meta"))
+            assert y.shape == (n, hidden) and y.dtype == torch.bfloat16, variant
+        # the checks are live on meta: tokens whose rows are not 16-byte aligned are refused
+        skewed = torch.empty(8, hidden + 1, device="meta", dtype=torch.bfloat16)[:, 1:]
+        with pytest.raises(RuntimeError, match="multiple of 16 bytes"):
+            torch._grouped_mm(skewed, e.joined().transpose(1, 2),
+                              offs=torch.empty(num, device="meta", dtype=torch.int32))
+
 def test_continued_chunk_in_two_parts_matches_the_masked_call():
     """A prompt chunk after a cached prefix: two mask-free flash calls joined by their log-sum-exps give
     the lower-right causal masked call's output (MHA, and GQA where heads share keys)."""
