@@ -383,10 +383,12 @@ class Engine:
             e = self.model.language.model.embed_tokens(p.input_ids.to(self.device))
             rows = given[i] if given[i] is not None else computed[i]
             if rows is not None:
-                mask = p.images_seq_mask.to(self.device)
-                if int(mask.sum()) != rows.shape[0]:
-                    raise ValueError(f"{int(mask.sum())} image placeholders but {rows.shape[0]} image rows")
-                e[mask] = rows.to(self.device, e.dtype)
+                # placeholder positions found on the host (the processor's mask lives there): counting or
+                # indexing with a device mask would wait for the device (a host read; nonzero)
+                where = p.images_seq_mask.cpu().nonzero()[:, 0]
+                if len(where) != rows.shape[0]:
+                    raise ValueError(f"{len(where)} image placeholders but {rows.shape[0]} image rows")
+                e[where.to(self.device)] = rows.to(self.device, e.dtype)
             out.append(e)
         return out
 

@@ -427,6 +427,32 @@ def test_pixel_tiles_are_normalized_on_the_device_with_the_same_bits(loaded):
     assert [r.tokens for r in Engine(model, processor).generate(pixels, params)] == want
 
 
+def test_given_image_rows_of_the_wrong_count_fail_only_their_request(fixtures_dir):
+    """Image rows from a vision worker are placed at the prompt's placeholders, found on the host; rows that
+    do not match their count fail that request with both numbers, and the others finish as usual."""
+    from model.engine import image_rows
+
+    model, processor = load_pretrained(fixtures_dir / "tiny_mha-seed1")
+    cases = load_cases(fixtures_dir / "tiny_mha-seed1.golden.npz")
+    preps = [processor.prepare(g["conversation"], g["images"]) for g in cases.values()]
+    prep = next(p for p in preps if p.images_spatial_crop[0, 0] > 0)
+    with torch.inference_mode():
+        rows = image_rows(model, [prep])[0]
+    need = int(prep.images_seq_mask.sum())
+    assert rows.shape[0] == need
+    params = SamplingParams(max_new_tokens=4)
+    engine = Engine(model, processor)
+    good = engine.submit(prep, params, image_rows=rows)
+    bad = engine.submit(prep, params, image_rows=rows[:-3])
+    alone = engine.submit(prep, params)
+    while engine.has_work():
+        engine.step()
+    assert good.result().tokens == alone.result().tokens == oracle(model, processor, prep, params)
+    res = bad.result()
+    assert res.finish_reason == "error"
+    assert f"{need} image placeholders but {need - 3} image rows" in res.error
+
+
 def test_cuda_graph_failure_falls_back_to_eager_steps(fixtures_dir):
     """A capture that fails (here: no CUDA at all) turns graphs off with its reason and the step still
     runs, eagerly, with the same tokens; asking for graphs on a CPU model is an error."""
