@@ -12,8 +12,8 @@ meta kernels; nothing is allocated), host tensors stay real. So a run checks, be
 * that the memory planner sizes the cache from an H200's free memory after the weights
   (`torch.cuda.mem_get_info` is answered with it);
 * that no step reads a device value on the host except the sampled tokens: a read of a fake tensor's value
-  (`.item()`, `.tolist()`, `int()`, a boolean-mask index) raises, and sampling, the step's one read, is
-  replaced by a host stand-in that emits token 5;
+  (`.item()`, `.tolist()`, `int()`, a boolean-mask index) raises; `sample` runs on the fakes and its tokens
+  are then given on the host (token 5), so that the engine's own read of them reads real values;
 * and it counts the host-to-device copies per step (each a stream sync unless pinned and non-blocking).
 It does not check values or speed: that is `bench/gpu_check.py` and `bench/gpu_engine.py` on the device.
 """
@@ -32,6 +32,7 @@ from torch.utils._pytree import tree_leaves, tree_map
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import model.engine as engine_module  # noqa: E402
 from model import Engine, SamplingParams  # noqa: E402
 from model.bench import synthetic_requests  # noqa: E402
 from model.config import VL2Config  # noqa: E402
@@ -75,15 +76,13 @@ class HostRealMode(FakeTensorMode):
         return super().__torch_dispatch__(func, types, tree_map(fake, args), tree_map(fake, kwargs))
 
 
-def host_sample(engine, emit, logits):
-    """Stands in for `Engine._sample` (whose `nxt.tolist()` is the step's one intended device read)."""
-    assert logits.shape[0] >= len(emit) and logits.dtype == torch.float32
-    for s, _ in emit:
-        if not s.tokens:
-            s.first_token = time.perf_counter()
-        s.tokens.append(5)
-        if len(s.tokens) >= s.params.max_new_tokens:
-            engine._finish(s, "length")
+def tokens_on_host(real_sample):
+    """`sample` run on the fakes (its ops and shapes), its tokens then given as a host tensor of 5s, so that
+    `Engine._sample` runs as it is and its `nxt.tolist()`, the step's one intended device read, reads them."""
+    def sample(logits, params, *args):
+        assert real_sample(logits, params, *args).shape == (len(params),)
+        return torch.full((len(params),), 5)
+    return sample
 
 
 def run_variant(variant: str, processor, requests: int, new_tokens: int, gpu_gib: float) -> dict:
@@ -95,9 +94,9 @@ def run_variant(variant: str, processor, requests: int, new_tokens: int, gpu_gib
     mode = HostRealMode()
     out = {"weights_gb": round(weights / 1e9, 2), "configs": {}}
     total = int(gpu_gib * 2**30)
-    real_mem_get_info, real_sample = torch.cuda.mem_get_info, Engine._sample
+    real_mem_get_info, real_sample = torch.cuda.mem_get_info, engine_module.sample
     torch.cuda.mem_get_info = lambda device=None: (total - weights, total)  # an H200 after loading the weights
-    Engine._sample = host_sample
+    engine_module.sample = tokens_on_host(real_sample)
     try:
         with mode, torch.inference_mode():
             model = meta.to_empty(device=torch.device("cuda")).eval()
@@ -107,7 +106,7 @@ def run_variant(variant: str, processor, requests: int, new_tokens: int, gpu_gib
             for name, opts in CONFIGS.items():
                 out["configs"][name] = run_config(model, processor, preps, opts, new_tokens, mode)
     finally:
-        torch.cuda.mem_get_info, Engine._sample = real_mem_get_info, real_sample
+        torch.cuda.mem_get_info, engine_module.sample = real_mem_get_info, real_sample
     return out
 
 

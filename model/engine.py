@@ -392,9 +392,12 @@ class Engine:
             out.append(e)
         return out
 
+    def _slot(self, seq: _Sequence, pos: int) -> int:
+        """The flat cache slot of `seq`'s token at `pos`."""
+        return seq.blocks[pos // self.block_size] * self.block_size + pos % self.block_size
+
     def _slots(self, seq: _Sequence, start: int, n: int) -> list[int]:
-        bs = self.block_size
-        return [seq.blocks[p // bs] * bs + p % bs for p in range(start, start + n)]
+        return [self._slot(seq, p) for p in range(start, start + n)]
 
     def _run(self, chunks: list[tuple[_Sequence, int]], decoding: list[_Sequence]) -> int:
         static = None if chunks else self._static_step(decoding)
@@ -435,7 +438,7 @@ class Engine:
                     run = (first, stride)
         pos = [n - 1 for n in lengths]
         logits = self.static.run(shape, [s.tokens[-1] for s in decoding], pos,
-                                 [self._slots(s, p, 1)[0] for s, p in zip(decoding, pos)],
+                                 [self._slot(s, p) for s, p in zip(decoding, pos)],
                                  [s.blocks[: -(-n // bs)] for s, n in zip(decoding, lengths)], lengths, run)
         return logits, decoding
 
@@ -472,7 +475,7 @@ class Engine:
         for i, s in enumerate(decoding):
             pos = s.prompt_len + len(s.tokens) - 1  # the position of the token being fed
             positions.append(pos)
-            slots.append(s.blocks[pos // bs] * bs + pos % bs)
+            slots.append(self._slot(s, pos))
             emit.append((s, row + i))
             if self.in_place_decode and contiguous(s.blocks):
                 here.append((row + i, s.blocks[0] * bs, pos + 1))

@@ -226,7 +226,6 @@ def test_grouped_expert_kernel_matches_loop(fixtures_dir):
     assert not big._use_grouped(torch.zeros(8, 1024), 16)
 
 
-
 def test_grouped_expert_calls_pass_torchs_checks_at_the_released_shapes():
     """The bf16 CUDA path's `torch._grouped_mm` calls, run on the meta device: torch's own shape, dtype,
     stride and 16-byte alignment checks (the ones the CUDA kernel applies) pass for the layouts the
@@ -250,6 +249,7 @@ def test_grouped_expert_calls_pass_torchs_checks_at_the_released_shapes():
         with pytest.raises(RuntimeError, match="multiple of 16 bytes"):
             torch._grouped_mm(skewed, e.joined().transpose(1, 2),
                               offs=torch.empty(num, device="meta", dtype=torch.int32))
+
 
 def test_continued_chunk_in_two_parts_matches_the_masked_call():
     """A prompt chunk after a cached prefix: two mask-free flash calls joined by their log-sum-exps give
@@ -340,7 +340,7 @@ def test_strided_runs_and_views():
         cache.strided(0, start=8, stride=12, count=4, length=10)  # the last row would run past the pool
 
 
-def test_equal_reservations_decode_as_one_strided_run(fixtures_dir):
+def test_equal_reservations_decode_as_one_strided_run(fixtures_dir, monkeypatch):
     model, processor = load_pretrained(fixtures_dir / "tiny_mha-seed1")
     cases = load_cases(fixtures_dir / "tiny_mha-seed1.golden.npz")
     preps = {c: processor.prepare(g["conversation"], g["images"]) for c, g in cases.items()}
@@ -356,11 +356,8 @@ def test_equal_reservations_decode_as_one_strided_run(fixtures_dir):
             runs.append([d.rows for d in step.in_place])
         return step_fn(language, step, cache)
 
-    engine_module.forward_step = spy
-    try:
-        results = engine.generate([p for p, _ in items], [p for _, p in items])
-    finally:
-        engine_module.forward_step = step_fn
+    monkeypatch.setattr(engine_module, "forward_step", spy)
+    results = engine.generate([p for p, _ in items], [p for _, p in items])
     for (prep, p), r in zip(items, results):
         assert r.tokens == oracle(model, processor, prep, p)
     # 5 decode tokens per step read in place by fewer SDPA runs than tokens
