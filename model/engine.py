@@ -44,7 +44,7 @@ from .model import _real
 from .processor import PreparedInput
 from .runner import (DecodeGroup, InPlace, Prefill, StepBatch, decode_groups, forward_step, length_mask,
                      strided_runs)
-from .sampling import SamplingParams, banned_by_ngram, new_generator, sample
+from .sampling import NgramGuard, SamplingParams, new_generator, sample
 
 
 @dataclass
@@ -79,6 +79,7 @@ class _Sequence:
     generator: torch.Generator | None = None
     image_rows: torch.Tensor | None = None  # [n, hidden] from a vision worker, else computed at admission
     row: int = -1  # this sequence's row in the engine's `seen` table (repetition penalty)
+    guard: NgramGuard | None = None  # the no-repeat n-gram guard, when the request asks for one
     guard_bans: int = 0
 
     @property
@@ -175,6 +176,7 @@ class Engine:
         fut: Future = Future()
         seq = _Sequence(next(self._ids), prep, params, fut, time.perf_counter(), len(prep))
         seq.image_rows = image_rows
+        seq.guard = NgramGuard(params) if params.no_repeat_ngram_size else None
         problem = self._never_fits(seq)
         if problem:
             fut.set_result(Result([], "error", problem, prompt_tokens=seq.prompt_len))
@@ -513,7 +515,7 @@ class Engine:
         """Sample each emitting sequence's next token with its own parameters; retire finished ones."""
         dev = self.device
         seqs = [s for s, _ in emit]
-        banned = [banned_by_ngram(s.tokens, s.params) for s in seqs]
+        banned = [s.guard.banned(s.tokens) if s.guard else [] for s in seqs]
         seen = seen_rows = None
         if any(s.params.repetition_penalty != 1.0 for s in seqs):
             seen_rows = torch.tensor([s.row for s in seqs], device=dev)

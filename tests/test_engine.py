@@ -1,4 +1,5 @@
 """The continuous-batching engine against its oracle, `model.generate` one request at a time (float32, CPU)."""
+import random
 import threading
 import time
 from pathlib import Path
@@ -8,7 +9,7 @@ import torch
 
 from model import Engine, SamplingParams, load_pretrained
 from model.language import Experts
-from model.sampling import banned_by_ngram
+from model.sampling import NgramGuard, banned_by_ngram
 from tests.test_model_golden import load_cases
 
 EXTRA = Path(__file__).parent / "data" / "ref-extra"
@@ -197,6 +198,22 @@ def test_no_repeat_ngram_guard(fixtures_dir):
         [prep], SamplingParams(max_new_tokens=16, no_repeat_ngram_size=2))[0]
     pairs = list(zip(guarded.tokens, guarded.tokens[1:]))
     assert len(pairs) == len(set(pairs)) and guarded.guard_bans > 0  # no bigram repeats
+
+
+def test_incremental_ngram_guard_matches_the_scan():
+    """The engine's per-request guard (an index of the window's n-grams, kept up to date) bans what a
+    scan of the window bans, at every length, also when it is asked only every few tokens."""
+    rng = random.Random(0)
+    for _ in range(600):
+        n, window = rng.choice([1, 2, 3, 4, 6]), rng.choice([0, 1, 2, 3, 5, 6, 8, 20])
+        vocab = rng.choice([2, 3, 5])
+        params = SamplingParams(no_repeat_ngram_size=n, no_repeat_window=window,
+                                no_repeat_whitelist=tuple(rng.sample(range(vocab), rng.choice([0, 1]))))
+        guard, tokens, every = NgramGuard(params), [], rng.choice([1, 1, 2, 3])
+        for i in range(50):
+            if i % every == 0:
+                assert guard.banned(tokens) == banned_by_ngram(tokens, params), (params, tokens)
+            tokens.append(rng.randrange(vocab))
 
 
 def test_grouped_expert_kernel_matches_loop(fixtures_dir):
