@@ -6,7 +6,7 @@ kernels, and Python around each), which a CUDA graph replays without either. So 
 bucketed sizes from static input buffers: the batch `B` is the next bucket up from the sequences decoding,
 the block-table width `W` the longest sequence's blocks rounded up to `width_granule` tokens. Padding rows
 feed token 0 at position 0, write to a scratch block no sequence owns and attend to that one slot;
-padded table entries point at the scratch block and are masked out by length. Attention gathers each
+table entries past a sequence's length are masked out by it. Attention gathers each
 sequence's blocks (in a graph the block tables are data, not Python lists), or, where every sequence's
 cache is a contiguous reservation and they are evenly spaced (equal reservations side by side, what the
 engine's first fit gives requests admitted together), reads the pool in place through one strided view
@@ -21,10 +21,10 @@ the step runs eagerly, as every step does on CPU, where the fixed shapes only se
 from __future__ import annotations
 
 import collections
-import itertools
 import logging
 import math
 import time
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -75,15 +75,15 @@ class StaticDecode:
         w = -(-blocks // self.granule) * self.granule
         return (b, w) if b is not None and w <= self.max_blocks else None
 
-    def run(self, shape: tuple[int, int], tokens: list[int], positions: list[int], slots: list[int],
-            tables: list[list[int]], lengths: list[int], run: tuple[int, int] | None = None) -> torch.Tensor:
+    def run(self, shape: tuple[int, int], tokens: Sequence[int], positions: Sequence[int], slots: Sequence[int],
+            tables: np.ndarray, lengths: Sequence[int], run: tuple[int, int] | None = None) -> torch.Tensor:
         """One decode step at `shape` (`self.shape`'s) -> float32 logits [n, vocab] (a view of a buffer the
-        next step overwrites). `run`: (first slot, stride) when row i's cache is the contiguous reservation
+        next step overwrites). `tables` [n, <= W]: each row's blocks; entries past a row's length are never
+        read unmasked, and the columns it lacks up to W point at the scratch block. `run`: (first slot, stride) when row i's cache is the contiguous reservation
         at first + i * stride: attention then reads the pool in place, one strided view of B rows, W blocks
         each (`PagedKVCache.run_fits`; padding rows continue the run, what they read is masked out), instead
         of gathering `tables`; a graph is kept per (B, W, run)."""
         (b, w), n, bs, top = shape, len(tokens), self.cache.block_size, len(self.rows)
-        widths = np.fromiter(map(len, tables), dtype=np.int64, count=n)
         pad = b - n
         head = self.host[: 4 * top].reshape(4, top)
         head[:, :n] = (tokens, positions, slots, lengths)
@@ -91,9 +91,9 @@ class StaticDecode:
         used = 4 * top
         if run is None:
             table = self.host[used : used + b * self.max_blocks].reshape(b, self.max_blocks)[:, :w]
-            table[:] = self.scratch
-            table[:n][np.arange(w)[None] < widths[:, None]] = np.fromiter(
-                itertools.chain.from_iterable(tables), dtype=np.int64, count=int(widths.sum()))
+            table[n:] = self.scratch
+            table[:n, : tables.shape[1]] = tables[:, :w]
+            table[:n, tables.shape[1] :] = self.scratch
             used += b * self.max_blocks
         self.inputs[:used].copy_(self.staging[:used], non_blocking=True)
         key = (b, w, run)

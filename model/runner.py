@@ -65,14 +65,16 @@ def decode_groups(lengths: list[int], max_waste: float = 0.25) -> list[list[int]
     would exceed that)."""
     order = sorted(range(len(lengths)), key=lengths.__getitem__)
     groups: list[list[int]] = []
+    total = 0  # real tokens of the last group
     for i in order:
         if groups:
             g = groups[-1]
-            real = sum(lengths[j] for j in g) + lengths[i]
-            if lengths[i] * (len(g) + 1) <= (1 + max_waste) * real:
+            if lengths[i] * (len(g) + 1) <= (1 + max_waste) * (total + lengths[i]):
                 g.append(i)
+                total += lengths[i]
                 continue
         groups.append([i])
+        total = lengths[i]
     return groups
 
 
