@@ -32,6 +32,22 @@ def test_bench_prints_json_report(tmp_path):
     assert report["prompt_tokens"] > 4 * 900 and report["cost"]["vision_flops"] > 0
 
 
+def test_step_host_bench_runs_every_request_to_the_end(tmp_path):
+    """The host-time benchmark: with the device's work replaced by zeros, each (path, guard, sequences) run
+    decodes its sequences together, the bucketed path through the bucketed step."""
+    ckpt = write_smoke_checkpoint(tmp_path / "tiny", "tiny", "mini", seed=2)
+    out = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "step_host_bench.py"), "--checkpoint", str(ckpt), "--sequences", "3",
+         "--path", "static", "packed", "--ngram", "0", "4", "--window", "10", "--max-new-tokens", "12"],
+        capture_output=True, text=True, check=True, timeout=300,
+    ).stdout.strip().splitlines()
+    runs = json.loads(out[-1])["runs"]
+    assert [(r["path"], r["ngram"]) for r in runs] == [("static", 0), ("static", 4), ("packed", 0), ("packed", 4)]
+    for r in runs:
+        assert r["sequences"] == 3 and 0 < r["decode_steps"] <= 11 and r["host_ms_per_decode_step"] > 0
+        assert (r["static_decode_steps"] >= r["decode_steps"]) == (r["path"] == "static")
+
+
 def test_gpu_check_dry_run_on_cpu(tmp_path, fixtures_dir):
     """The script a GPU session runs, here on CPU with a mini checkpoint: float32 matches the reference in full."""
     out = subprocess.run(
