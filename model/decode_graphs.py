@@ -78,11 +78,11 @@ class StaticDecode:
     def run(self, shape: tuple[int, int], tokens: Sequence[int], positions: Sequence[int], slots: Sequence[int],
             tables: np.ndarray, lengths: Sequence[int], run: tuple[int, int] | None = None) -> torch.Tensor:
         """One decode step at `shape` (`self.shape`'s) -> float32 logits [n, vocab] (a view of a buffer the
-        next step overwrites). `tables` [n, <= W]: each row's blocks; entries past a row's length are never
-        read unmasked, and the columns it lacks up to W point at the scratch block. `run`: (first slot, stride) when row i's cache is the contiguous reservation
-        at first + i * stride: attention then reads the pool in place, one strided view of B rows, W blocks
-        each (`PagedKVCache.run_fits`; padding rows continue the run, what they read is masked out), instead
-        of gathering `tables`; a graph is kept per (B, W, run)."""
+        next step overwrites). `tables` [n, <= W]: each row's blocks (entries past a row's length are read
+        masked out; the columns it lacks up to W point at the scratch block). `run`: (first slot, stride)
+        when row i's cache is the contiguous reservation at first + i * stride: attention then reads the pool
+        in place, one strided view of B rows, W blocks each (`PagedKVCache.run_fits`; padding rows continue
+        the run, what they read is masked out), instead of gathering `tables`; a graph is kept per (B, W, run)."""
         (b, w), n, bs, top = shape, len(tokens), self.cache.block_size, len(self.rows)
         pad = b - n
         head = self.host[: 4 * top].reshape(4, top)

@@ -466,7 +466,8 @@ class Engine:
                 if contiguous(s.blocks):
                     p.view_start = s.blocks[0] * bs
                 else:
-                    p.blocks = torch.from_numpy(self._tables[s.row : s.row + 1, :nb]).to(dev)
+                    # indexed by a list: a copy, not a view of a row that later admissions rewrite
+                    p.blocks = torch.from_numpy(self._tables[[s.row], :nb]).to(dev)
             prefills.append(p)
             row += n
             if s.cached + n == s.prompt_len:
