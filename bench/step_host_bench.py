@@ -8,7 +8,7 @@ replaced by zeros of their shapes (`forward_step`, `image_rows`), everything els
 code, run to the end of every request.
 
     python bench/step_host_bench.py --checkpoint DIR [--sequences 16 64 256] [--path static packed]
-        [--ngram 0 30 --window 90] [--json FILE]
+        [--ngram 0 30 --window 90] [--temperature T] [--json FILE]
 
 Prints a line per (path, guard, sequences) with the median host ms of a decode-only step, and last one
 JSON object with all of them.
@@ -50,7 +50,8 @@ def measure(model, processor, prepared, path: str, params: SamplingParams) -> di
     eng = Engine(model, processor, kv_cache_tokens=tokens, max_seqs=n, max_step_tokens=16384,
                  in_place_decode=False, static_decode=path == "static")
     if eng.static is not None:
-        eng.static._forward = lambda key: None  # the bucketed step's device work
+        eng.static._forward = lambda key: None  # the bucketed step's device work: its logits stay zeros
+        eng.static.logits.zero_()
     for p in prepared:
         eng.submit(p, params)
     decode_ms = []
@@ -78,6 +79,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--ngram", type=int, nargs="+", default=[0, 30], help="no_repeat_ngram_size values (0: off)")
     ap.add_argument("--window", type=int, default=90, help="no_repeat_window of the guarded runs")
     ap.add_argument("--max-new-tokens", type=int, default=300)
+    ap.add_argument("--temperature", type=float, default=0.0, help="0: greedy; else seeded sampling per request")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
@@ -90,7 +92,8 @@ def main(argv: list[str] | None = None) -> dict:
     for path in args.path:
         for ngram in args.ngram:
             params = SamplingParams(max_new_tokens=args.max_new_tokens, ignore_eos=True, no_repeat_ngram_size=ngram,
-                                    no_repeat_window=args.window if ngram else 0)
+                                    no_repeat_window=args.window if ngram else 0, temperature=args.temperature,
+                                    seed=0 if args.temperature else None)
             for n in args.sequences:
                 r = measure(model, processor, [base] * n, path, params)
                 runs.append(r)
@@ -98,7 +101,7 @@ def main(argv: list[str] | None = None) -> dict:
                       f"{r['host_ms_per_decode_step']:.3f} ms per decode step ({r['host_us_per_sequence']} us per "
                       f"sequence)", flush=True)
     report = {"checkpoint": args.checkpoint, "workload": args.workload, "torch": torch.__version__,
-              "max_new_tokens": args.max_new_tokens, "runs": runs,
+              "max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "runs": runs,
               "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     if args.json:
         args.json.write_text(json.dumps(report, indent=1) + "\n")
