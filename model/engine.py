@@ -518,7 +518,7 @@ class Engine:
             s.cached += n
             if not s.prefilling:
                 s.embeds = None
-        return emit, logits, len(positions)
+        return emit, logits, step.positions.shape[0]
 
     def _sample(self, emit: list[tuple[_Sequence, int]], logits: torch.Tensor) -> None:
         """Sample each emitting sequence's next token with its own parameters; retire finished ones."""

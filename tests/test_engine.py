@@ -467,6 +467,26 @@ def test_given_image_rows_of_the_wrong_count_fail_only_their_request(fixtures_di
     assert f"{need} image placeholders but {need - 3} image rows" in res.error
 
 
+def test_step_returns_the_tokens_it_processed(fixtures_dir):
+    """`Engine.step()` (the incremental API) returns the prompt and decode tokens its pass processed, on the
+    packed and the bucketed path: split prompts, then one fed token per generated token but the last."""
+    model, processor = load_pretrained(fixtures_dir / "tiny_mha-seed1")
+    cases = load_cases(fixtures_dir / "tiny_mha-seed1.golden.npz")
+    preps = [processor.prepare(cases[c]["conversation"], cases[c]["images"]) for c in ("text_only", "grounding_ref")]
+    for static in (False, True):
+        engine = Engine(model, processor, max_step_tokens=64, static_decode=static)
+        for p in preps:
+            engine.submit(p, SamplingParams(max_new_tokens=5, ignore_eos=True))
+        counts = []
+        while engine.has_work():
+            before = engine.stats["prefill_tokens"] + engine.stats["decode_tokens"]
+            counts.append(engine.step())
+            assert counts[-1] == engine.stats["prefill_tokens"] + engine.stats["decode_tokens"] - before
+        assert sum(counts) == sum(len(p) for p in preps) + len(preps) * 4
+        assert len(counts) > sum(len(p) for p in preps) // 64  # the prompts were split across steps
+        assert bool(engine.stats["static_decode_steps"]) == static
+
+
 def test_cuda_graph_failure_falls_back_to_eager_steps(fixtures_dir):
     """A capture that fails (here: no CUDA at all) turns graphs off with its reason and the step still
     runs, eagerly, with the same tokens; asking for graphs on a CPU model is an error."""
