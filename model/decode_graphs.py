@@ -92,7 +92,7 @@ class StaticDecode:
         if run is None:
             table = self.host[used : used + b * self.max_blocks].reshape(b, self.max_blocks)[:, :w]
             table[n:] = self.scratch
-            table[:n, : tables.shape[1]] = tables[:, :w]
+            table[:n, : tables.shape[1]] = tables
             table[:n, tables.shape[1] :] = self.scratch
             used += b * self.max_blocks
         self.inputs[:used].copy_(self.staging[:used], non_blocking=True)

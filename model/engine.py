@@ -402,9 +402,10 @@ class Engine:
             out.append(e)
         return out
 
-    def _slots(self, seq: _Sequence, start: int, n: int) -> np.ndarray:
-        pos = np.arange(start, start + n)
-        return self._tables[seq.row, pos // self.block_size] * self.block_size + pos % self.block_size
+    def _slots(self, rows: int | list[int], pos: np.ndarray) -> np.ndarray:
+        """The flat cache slots of the tokens at `pos` of the sequences in table `rows` (one row, or one per
+        position)."""
+        return self._tables[rows, pos // self.block_size] * self.block_size + pos % self.block_size
 
     def _run(self, chunks: list[tuple[_Sequence, int]], decoding: list[_Sequence]) -> int:
         static = None if chunks else self._static_step(decoding)
@@ -444,9 +445,8 @@ class Engine:
                     decoding, lengths = [decoding[i] for i in order], [lengths[i] for i in order]
                     run = (first, stride)
         pos, rows = np.array(lengths) - 1, [s.row for s in decoding]
-        logits = self.static.run(shape, [s.tokens[-1] for s in decoding], pos,
-                                 self._tables[rows, pos // bs] * bs + pos % bs, self._tables[rows, : shape[1]],
-                                 lengths, run)
+        logits = self.static.run(shape, [s.tokens[-1] for s in decoding], pos, self._slots(rows, pos),
+                                 self._tables[rows, : shape[1]], lengths, run)
         return logits, decoding
 
     def _packed_step(self, chunks: list[tuple[_Sequence, int]], decoding: list[_Sequence]):
@@ -458,7 +458,7 @@ class Engine:
         for s, n in chunks:
             pieces.append(s.embeds[s.cached : s.cached + n])
             positions.append(np.arange(s.cached, s.cached + n))
-            slots.append(self._slots(s, s.cached, n))
+            slots.append(self._slots(s.row, positions[-1]))
             p = Prefill(row=row, n=n, start=s.cached)
             if s.cached:
                 kv = s.cached + n
@@ -491,9 +491,8 @@ class Engine:
                 lengths.append(pos + 1)
                 gathered.append(i)
         if decoding:
-            fed = np.array(fed)
-            positions.append(fed)
-            slots.append(self._tables[[s.row for s in decoding], fed // bs] * bs + fed % bs)
+            positions.append(np.array(fed))
+            slots.append(self._slots([s.row for s in decoding], positions[-1]))
         in_place = self._in_place_groups(here)
         self.stats["in_place_runs"] += len(in_place)
         self.stats["in_place_tokens"] += len(here)
