@@ -587,7 +587,7 @@ def image_rows(model, preps: Sequence[PreparedInput], processor=None) -> list[to
     crops = [list(_real(p.images_spatial_crop.tolist())) for p in preps]
     counts = [sum(1 + w * h for w, h in c) for c in crops]
     tiles = [_device_tiles(p.images[:c], model.device, processor) for p, c in zip(preps, counts) if c]
-    feats = model.encode_tiles(torch.cat(tiles).to(model.dtype)) if tiles else None
+    feats = model.encode_tiles(tiles) if tiles else None
     out, t = [], 0
     for crop in crops:
         rows = []

@@ -1,7 +1,7 @@
 """DeepSeek-VL2: vision tower + projector + DeepSeekMoE decoder, with batched generation."""
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -35,10 +35,13 @@ class DeepseekVL2(nn.Module):
 
     # -- embeddings ----------------------------------------------------------------------------
 
-    def encode_tiles(self, tiles: torch.Tensor) -> torch.Tensor:
-        """[N,3,384,384] -> [N, 196, n_embed]"""
-        out = [self.projector(self.vision(t)) for t in tiles.split(self.vision_chunk)]
-        return torch.cat(out)
+    def encode_tiles(self, tiles: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
+        """[N,3,384,384] (or pieces of it, e.g. one per request, in order) -> [N, 196, n_embed]. Pieces are
+        not joined first: a chunk of `vision_chunk` tiles inside one piece is a view of it, and only a chunk
+        across pieces is copied (joining a 7-tile request's float32 tiles took ~5 ms on CPU)."""
+        pieces = [tiles] if isinstance(tiles, torch.Tensor) else list(tiles)
+        out = [self.projector(self.vision(t.to(self.dtype))) for t in _chunks(pieces, self.vision_chunk)]
+        return out[0] if len(out) == 1 else torch.cat(out)
 
     def _image_rows(self, feats: torch.Tensor, w_tiles: int, h_tiles: int) -> torch.Tensor:
         """One image's tiles [1 + w*h, hw, D] -> its placeholder rows, in the reference layout:
@@ -61,8 +64,7 @@ class DeepseekVL2(nn.Module):
         if sum(counts) == 0:
             return embeds
         images = inputs.images.to(self.device, self.dtype)
-        tiles = torch.cat([images[b, :c] for b, c in enumerate(counts) if c])
-        feats = self.encode_tiles(tiles)
+        feats = self.encode_tiles([images[b, :c] for b, c in enumerate(counts) if c])
         mask = inputs.images_seq_mask.to(self.device)
         t = 0
         for b, row in enumerate(crops):
@@ -188,6 +190,23 @@ class DeepseekVL2(nn.Module):
         if return_logits:
             return tokens, torch.stack(raw, dim=1) if raw else logits[:, :0]
         return tokens
+
+
+def _chunks(pieces: Sequence[torch.Tensor], size: int) -> Iterator[torch.Tensor]:
+    """The rows of `pieces`, in order, as consecutive chunks of `size` rows: a view where a chunk lies in
+    one piece, a copy only where it spans several."""
+    i, start = 0, 0  # the next unused row: pieces[i][start]
+    while i < len(pieces):
+        parts, need = [], size
+        while need and i < len(pieces):
+            take = min(need, len(pieces[i]) - start)
+            parts.append(pieces[i][start : start + take])
+            need, start = need - take, start + take
+            if start == len(pieces[i]):
+                i, start = i + 1, 0
+        parts = [p for p in parts if len(p)]
+        if parts:
+            yield parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 def _real(row: list[list[int]]):

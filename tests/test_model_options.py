@@ -273,3 +273,27 @@ def test_packed_projection_gives_the_bits_of_project(tmp_path):
             q2, (k2, v2) = attn.project_packed(x[0], rope)
         assert q2.shape == q.shape and k2.shape == k.shape == (37, kv_heads, attn.head_dim)
         assert torch.equal(q, q2) and torch.equal(k, k2) and torch.equal(v, v2)
+
+
+def test_tiles_given_as_pieces_are_chunked_without_joining_them(smoke_dirs):
+    """`encode_tiles` takes each request's tiles as they are: a chunk inside one piece goes to the vision
+    tower as a view of it (no copy), a chunk across pieces is joined, and the features are those of the
+    joined tiles in chunks of the same size."""
+    from model.model import _chunks
+
+    model, _ = load_pretrained(smoke_dirs["tiny"])
+    torch.manual_seed(0)
+    pieces = [torch.randn(n, 3, 384, 384) for n in (3, 4, 2)]
+    model.vision_chunk = 4
+    with torch.inference_mode():
+        want = torch.cat([model.projector(model.vision(t)) for t in torch.cat(pieces).split(4)])
+        seen = []
+        hook = model.vision.register_forward_pre_hook(lambda _, args: seen.append(args[0]))
+        got = model.encode_tiles(pieces)
+        alone = model.encode_tiles(pieces[1])
+        hook.remove()
+    assert torch.equal(got, want)
+    assert [len(t) for t in seen] == [4, 4, 1, 4]  # chunks 0-3 and 4-7 span pieces; then piece 1 alone
+    assert seen[3].data_ptr() == pieces[1].data_ptr()  # one piece in one chunk: not copied
+    assert torch.equal(alone, want[3:7])
+    assert [len(c) for c in _chunks([torch.zeros(0, 1), torch.zeros(5, 1)], 2)] == [2, 2, 1]
