@@ -195,18 +195,18 @@ class DeepseekVL2(nn.Module):
 def _chunks(pieces: Sequence[torch.Tensor], size: int) -> Iterator[torch.Tensor]:
     """The rows of `pieces`, in order, as consecutive chunks of `size` rows: a view where a chunk lies in
     one piece, a copy only where it spans several."""
-    i, start = 0, 0  # the next unused row: pieces[i][start]
-    while i < len(pieces):
-        parts, need = [], size
-        while need and i < len(pieces):
-            take = min(need, len(pieces[i]) - start)
-            parts.append(pieces[i][start : start + take])
-            need, start = need - take, start + take
-            if start == len(pieces[i]):
-                i, start = i + 1, 0
-        parts = [p for p in parts if len(p)]
-        if parts:
-            yield parts[0] if len(parts) == 1 else torch.cat(parts)
+    parts, have = [], 0  # the chunk being filled and its rows
+    for piece in pieces:
+        start = 0
+        while start < len(piece):
+            part = piece[start : start + size - have]
+            parts.append(part)
+            start, have = start + len(part), have + len(part)
+            if have == size:
+                yield parts[0] if len(parts) == 1 else torch.cat(parts)
+                parts, have = [], 0
+    if parts:
+        yield parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 def _real(row: list[list[int]]):
