@@ -587,15 +587,9 @@ def image_rows(model, preps: Sequence[PreparedInput], processor=None) -> list[to
     crops = [list(_real(p.images_spatial_crop.tolist())) for p in preps]
     counts = [sum(1 + w * h for w, h in c) for c in crops]
     tiles = [_device_tiles(p.images[:c], model.device, processor) for p, c in zip(preps, counts) if c]
-    feats = model.encode_tiles(tiles) if tiles else None
-    out, t = [], 0
-    for crop in crops:
-        rows = []
-        for w, h in crop:
-            rows.append(model._image_rows(feats[t : t + 1 + w * h], w, h))
-            t += 1 + w * h
-        out.append(torch.cat(rows) if rows else None)
-    return out
+    if not tiles:
+        return [None] * len(preps)
+    return model.rows_by_sequence(model.encode_tiles(tiles), crops)
 
 
 def _device_tiles(tiles: torch.Tensor, device: torch.device, processor) -> torch.Tensor:

@@ -56,29 +56,34 @@ class DeepseekVL2(nn.Module):
         local = torch.cat([local, nl.expand(h_tiles * side, 1, d)], dim=1).reshape(-1, d)
         return torch.cat([glob, self.view_seperator.to(feats.dtype)[None], local])
 
+    def rows_by_sequence(self, feats: torch.Tensor, crops: Sequence[Sequence[tuple[int, int]]]
+                         ) -> list[torch.Tensor | None]:
+        """Each sequence's image placeholder rows [n, D] (None without an image) from `encode_tiles`' output
+        over all sequences' tiles in order; `crops[b]` is sequence b's real (w, h) crops, one per image."""
+        out, t = [], 0
+        for crop in crops:
+            rows = []
+            for w, h in crop:
+                rows.append(self._image_rows(feats[t : t + 1 + w * h], w, h))
+                t += 1 + w * h
+            out.append(torch.cat(rows) if rows else None)
+        return out
+
     def embed(self, inputs: Any) -> torch.Tensor:
         ids = inputs.input_ids.to(self.device)
         embeds = self.language.model.embed_tokens(ids)
-        crops = inputs.images_spatial_crop.tolist()
-        counts = [sum(1 + w * h for w, h in _real(row)) for row in crops]
+        crops = [list(_real(row)) for row in inputs.images_spatial_crop.tolist()]
+        counts = [sum(1 + w * h for w, h in crop) for crop in crops]
         if sum(counts) == 0:
             return embeds
-        images = inputs.images.to(self.device, self.dtype)
-        feats = self.encode_tiles([images[b, :c] for b, c in enumerate(counts) if c])
+        feats = self.encode_tiles([inputs.images[b, :c].to(self.device) for b, c in enumerate(counts) if c])
         mask = inputs.images_seq_mask.to(self.device)
-        t = 0
-        for b, row in enumerate(crops):
-            rows = []
-            for w, h in _real(row):
-                rows.append(self._image_rows(feats[t : t + 1 + w * h], w, h))
-                t += 1 + w * h
-            if rows:
-                rows = torch.cat(rows)
-                if int(mask[b].sum()) != rows.shape[0]:
-                    raise ValueError(
-                        f"sequence {b}: {int(mask[b].sum())} image placeholders but {rows.shape[0]} image rows"
-                    )
-                embeds[b, mask[b]] = rows.to(embeds.dtype)
+        for b, rows in enumerate(self.rows_by_sequence(feats, crops)):
+            if rows is None:
+                continue
+            if int(mask[b].sum()) != rows.shape[0]:
+                raise ValueError(f"sequence {b}: {int(mask[b].sum())} image placeholders but {rows.shape[0]} image rows")
+            embeds[b, mask[b]] = rows.to(embeds.dtype)
         return embeds
 
     # -- forward / generate ----------------------------------------------------------------------
