@@ -12,7 +12,9 @@
 3. A profile of the engine's steps (page and catalog, `--profile-requests` requests, every step eager so the
    kernels show): the prefill phase, then 20 decode steps, each as a torch.profiler table sorted by device time,
    with wall ms per step.
-4. The pipeline's model stage on the device without Ray: `Preprocess` then the `Generate` UDF's `__call__` on
+4. Shared experts folded into the routed grouped product against their own MLP (`bench/moe_fold.py`): one MoE
+   layer at tiny's, small's and base's shapes, 256 and 4,096 tokens, eager and as a CUDA graph.
+5. The pipeline's model stage on the device without Ray: `Preprocess` then the `Generate` UDF's `__call__` on
    one packed batch of the bundled samples, constructed directly (needs pyyaml and pypdfium2 besides pydantic).
 `--size mini` rehearses all of it on CPU in a minute. The last line printed is the JSON written to `--json`.
 """
@@ -39,6 +41,7 @@ from model import bench as model_bench  # noqa: E402
 from model.smoke import write_smoke_checkpoint  # noqa: E402
 
 sys.path.insert(0, str(REPO / "bench"))
+import moe_fold  # noqa: E402
 from gpu_check import _agree, _free  # noqa: E402
 
 
@@ -183,6 +186,7 @@ def main(argv: list[str] | None = None) -> dict:
     step("tiny_page_no_graphs", lambda: bench("page", args.page_requests, "--cuda-graphs", "off"))
     step("tiny_page_in_place_no_graphs", lambda: bench("page", args.page_requests, "--in-place-decode", "on",
                                                        "--cuda-graphs", "off"))
+    step("moe_fold", lambda: moe_fold.main(["--device", args.device, "--size", args.size]))
     for workload, n in (("page", args.profile_requests), ("catalog", args.profile_requests)):
         step(f"profile_{workload}", lambda w=workload, n=n: profile_steps(args.checkpoint, args.device, dtype, w, n))
     step("pipeline_stage", lambda: pipeline_stage(args.checkpoint, args.device))

@@ -92,5 +92,11 @@ def test_gpu_engine_rehearsal_on_cpu(tmp_path, fixtures_dir):
         prof = report[f"profile_{w}"]
         assert prof["prefill"]["steps"] >= 1 and prof["decode"]["steps"] == 20
         assert "scaled_dot_product" in prof["prefill"]["table"] and prof["decode"]["wall_ms_per_step"] > 0
+    fold = report["moe_fold"]  # the fold A/B: both ways agree at each variant's mini shapes, and were timed
+    for v in ("tiny", "small", "base"):
+        for n in ("256", "4096"):
+            row = fold[v][n]
+            assert row["max_abs_diff"] <= 1e-5 * max(row["ref_max_abs"], 1.0) and row["ref_max_abs"] > 0
+            assert row["today_ms"] > 0 and row["folded_ms"] > 0
     stage = report["pipeline_stage"]
     assert stage["items"] == 4 and stage["status"] == ["ok"] * 4 and set(stage["finish_reason"]) <= {"eos", "length"}
