@@ -45,7 +45,7 @@ from .model import _real
 from .processor import PreparedInput
 from .runner import (DecodeGroup, InPlace, Prefill, StepBatch, decode_groups, forward_step, length_mask,
                      strided_runs)
-from .sampling import NgramGuard, SamplingParams, new_generator, sample
+from .sampling import NgramGuard, SamplingParams, request_seed, sample, uniform
 
 
 @dataclass
@@ -77,7 +77,7 @@ class _Sequence:
     embeds: torch.Tensor | None = None  # [T, hidden] until the prompt is cached
     cached: int = 0  # tokens whose keys are in the cache
     tokens: list[int] = field(default_factory=list)
-    generator: torch.Generator | None = None
+    seed: int | None = None  # what it samples with (None: greedy)
     image_rows: torch.Tensor | None = None  # [n, hidden] from a vision worker, else computed at admission
     row: int = -1  # this sequence's row in the engine's `seen` table (repetition penalty)
     guard: NgramGuard | None = None  # the no-repeat n-gram guard, when the request asks for one
@@ -367,7 +367,7 @@ class Engine:
                 self._finish(s, "error", f"image encoding failed: {type(e).__name__}: {e}")
                 continue
             s.embeds = e
-            s.generator = new_generator(s.params, self.device)
+            s.seed = request_seed(s.params)
             if s.params.repetition_penalty != 1.0:
                 seen = self._seen_table()
                 seen[s.row] = False
@@ -528,7 +528,8 @@ class Engine:
         if any(s.params.repetition_penalty != 1.0 for s in seqs):
             seen_rows = torch.tensor([s.row for s in seqs], device=dev)
             seen = self._seen_table()[seen_rows]
-        nxt = sample(logits, [s.params for s in seqs], [s.generator for s in seqs], seen, banned)
+        draws = [None if s.seed is None else uniform(s.seed, len(s.tokens)) for s in seqs]
+        nxt = sample(logits, [s.params for s in seqs], draws, seen, banned)
         if seen_rows is not None:
             self._seen_table()[seen_rows, nxt] = True
         now = time.perf_counter()

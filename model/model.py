@@ -1,6 +1,7 @@
 """DeepSeek-VL2: vision tower + projector + DeepSeekMoE decoder, with batched generation."""
 from __future__ import annotations
 
+import random
 from typing import Any, Iterator, Sequence
 
 import torch
@@ -8,6 +9,7 @@ from torch import nn
 
 from .config import VL2Config
 from .language import LanguageModel
+from .sampling import draw, uniform
 from .vision import Projector, VisionTower
 
 
@@ -142,8 +144,9 @@ class DeepseekVL2(nn.Module):
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """New token ids [B, N'] (N' <= max_new_tokens). Greedy when temperature == 0; rows that hit
         EOS keep emitting EOS (the pad) until every row is done, as HF generate does. With
-        `return_logits`, also the raw logits of each step [B, N', vocab]. None in, None out: an
-        expert-parallel rank with nothing to run."""
+        `return_logits`, also the raw logits of each step [B, N', vocab]. When sampling, row b draws as a
+        request seeded `seed + b` does in the engine (`model.sampling.uniform`); no seed: a random one. None
+        in, None out: an expert-parallel rank with nothing to run."""
         if inputs is None:
             return self._nothing_to_run()
         eos = self.cfg.language_config.eos_token_id if eos_token_id is None else eos_token_id
@@ -154,9 +157,9 @@ class DeepseekVL2(nn.Module):
         valid = torch.zeros(b, t + max_new_tokens, dtype=torch.bool, device=self.device)
         valid[:, :t] = valid_prompt
         positions = _positions(valid_prompt)
-        gen = torch.Generator(device=self.device)
-        if seed is not None:
-            gen.manual_seed(seed)
+        if temperature > 0:
+            first = seed if seed is not None else random.getrandbits(63)
+            seeds = [first + r for r in range(b)]
         # pads stand in as the row's last prompt token (always real under left padding)
         seen = torch.where(valid_prompt, ids, ids[:, -1:]) if repetition_penalty != 1.0 else None
 
@@ -173,7 +176,8 @@ class DeepseekVL2(nn.Module):
             for step in range(max_new_tokens):
                 if return_logits:
                     raw.append(logits[:, -1])
-                nxt = _pick(logits[:, -1], seen, temperature, top_p, repetition_penalty, gen)
+                u = torch.tensor([uniform(r, step) for r in seeds], dtype=torch.float64) if temperature > 0 else None
+                nxt = _pick(logits[:, -1], seen, temperature, top_p, repetition_penalty, u)
                 if eos is not None:
                     nxt = torch.where(done, torch.full_like(nxt, eos), nxt)
                     done |= nxt == eos
@@ -227,7 +231,7 @@ def _positions(valid: torch.Tensor) -> torch.Tensor:
     return (valid.long().cumsum(-1) - 1).clamp(min=0)
 
 
-def _pick(logits, seen, temperature, top_p, repetition_penalty, gen) -> torch.Tensor:
+def _pick(logits, seen, temperature, top_p, repetition_penalty, u) -> torch.Tensor:
     """HF's order: repetition penalty, temperature, top-p, then sample (or argmax)."""
     logits = logits.float()
     if seen is not None:
@@ -243,4 +247,4 @@ def _pick(logits, seen, temperature, top_p, repetition_penalty, gen) -> torch.Te
         drop[:, -1] = False
         logits = logits.masked_fill(torch.zeros_like(drop).scatter(1, order, drop), float("-inf"))
     probs = logits.softmax(-1)
-    return torch.multinomial(probs, 1, generator=gen)[:, 0]
+    return draw(probs, u.to(probs.device))

@@ -1,9 +1,12 @@
 """Per-request sampling for the engine: the same arithmetic as `model.generate`'s `_pick`, applied to
 rows with different parameters in one batch.
 
-Each sampled request draws from its own `torch.Generator`, seeded from its `seed`, one multinomial
-per step: a request's tokens depend on its seed and its logits only, never on what else shares the
-batch, and a request alone gives exactly what `model.generate(..., seed=s)` gives.
+A sampled request's draws are a counter-based stream: its t-th new token takes the uniform number
+`uniform(seed, t)` (a hash of the two) through the inverse of its row's cumulative distribution. So all the
+rows of a step sample in one batched call, a request's tokens depend on its seed and its logits only, never
+on what else shares the batch, and a request alone gives exactly what `model.generate(..., seed=s)` gives.
+(Each request used to draw from its own `torch.Generator`: one `multinomial` call per row and step, ~26 us
+of host time per sampled sequence and, on a GPU, one more kernel launch each.)
 """
 from __future__ import annotations
 
@@ -36,12 +39,36 @@ class SamplingParams(BaseModel):
         return self.temperature <= 0
 
 
-def new_generator(params: SamplingParams, device: torch.device) -> torch.Generator | None:
+def request_seed(params: SamplingParams) -> int | None:
+    """The seed a request samples with: its own, a fresh random one when it has none, None when greedy."""
     if params.greedy:
         return None
-    g = torch.Generator(device=device)
-    g.manual_seed(params.seed if params.seed is not None else random.getrandbits(63))
-    return g
+    return params.seed if params.seed is not None else random.getrandbits(63)
+
+
+_U64 = (1 << 64) - 1
+
+
+def _mix(x: int) -> int:
+    """splitmix64's finalizer: a bijection of 64-bit integers that scatters nearby inputs."""
+    x = (x + 0x9E3779B97F4A7C15) & _U64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _U64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _U64
+    return x ^ (x >> 31)
+
+
+def uniform(seed: int, step: int) -> float:
+    """The draw in [0, 1) of the request seeded `seed` for its `step`-th new token (53 random bits)."""
+    return (_mix(_mix(seed & _U64) ^ step) >> 11) * 2.0**-53
+
+
+def draw(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """probs [S, V], u [S] in [0, 1) -> [S] ids: each row's first token whose cumulative probability
+    exceeds u times the row's total (float64 sums; a token of probability 0 is never drawn)."""
+    cum = probs.double().cumsum(-1)
+    total = cum[:, -1:]
+    x = torch.minimum(u.to(cum)[:, None] * total, torch.nextafter(total, torch.zeros_like(total)))
+    return torch.searchsorted(cum, x, right=True)[:, 0]
 
 
 def banned_by_ngram(generated: Sequence[int], params: SamplingParams) -> list[int]:
@@ -104,11 +131,12 @@ class NgramGuard:
 def sample(
     logits: torch.Tensor,
     params: Sequence[SamplingParams],
-    generators: Sequence[torch.Generator | None],
+    draws: Sequence[float | None],
     seen: torch.Tensor | None,
     banned: Sequence[Sequence[int]] | None = None,
 ) -> torch.Tensor:
-    """logits [S, V] float32 -> next ids [S] on the device.
+    """logits [S, V] float32 -> next ids [S] on the device. `draws[i]` is row i's `uniform(...)`, None
+    where it is greedy.
 
     `seen` [S, V] bool marks the tokens each row has seen (prompt + generated), for the repetition
     penalty; rows whose penalty is 1.0 are untouched. HF's order, as `_pick`: penalty, then
@@ -140,5 +168,5 @@ def sample(
         drop[:, -1] = False
         sub = sub.masked_fill(torch.zeros_like(drop).scatter(1, order, drop), float("-inf"))
     probs = sub.softmax(-1)
-    picks = [torch.multinomial(probs[j : j + 1], 1, generator=generators[i])[:, 0] for j, i in enumerate(sampled)]
-    return out.index_copy(0, idx, torch.cat(picks))
+    u = torch.tensor([draws[i] for i in sampled], dtype=torch.float64)
+    return out.index_copy(0, idx, draw(probs, u.to(dev, non_blocking=True)))

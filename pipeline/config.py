@@ -49,7 +49,7 @@ class JobConfig(BaseModel):
     temperature: float = Field(0.0, ge=0.0, le=5.0, description="Sampling temperature; 0 = greedy.")
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling mass (used when temperature > 0).")
     repetition_penalty: float = Field(1.0, gt=0.0, le=5.0, description="Repetition penalty (1.0 = none).")
-    seed: int | None = Field(0, description="Sampling seed; each item draws from its own generator seeded from this and its id, so its text does not depend on batching or resume. null for nondeterministic sampling.")
+    seed: int | None = Field(0, description="Sampling seed; each item samples with its own seed, made from this and its id, so its text does not depend on batching or resume. null for nondeterministic sampling.")
     no_repeat_ngram_size: int = Field(0, ge=0, le=200, description="Ban any token that would repeat an n-gram of this size within the last no_repeat_window generated tokens (DeepSeek-OCR uses 20-30 against loops on tables); 0 = off.")
     no_repeat_window: int = Field(0, ge=0, description="Window (generated tokens) of the n-gram guard; 0 = all generated tokens.")
 

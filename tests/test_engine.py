@@ -9,7 +9,7 @@ import torch
 
 from model import Engine, SamplingParams, load_pretrained
 from model.language import Experts
-from model.sampling import NgramGuard, banned_by_ngram
+from model.sampling import NgramGuard, banned_by_ngram, draw, sample, uniform
 from tests.test_model_golden import load_cases
 
 EXTRA = Path(__file__).parent / "data" / "ref-extra"
@@ -182,6 +182,51 @@ def test_seed_does_not_depend_on_the_batch(fixtures_dir):
         [prep] * 3, [SamplingParams(max_new_tokens=16, temperature=1.5, seed=s) for s in (1, 42, 2)])
     assert crowd[1].tokens == alone
     assert crowd[0].tokens != alone or crowd[2].tokens != alone  # other seeds draw differently
+
+
+def test_counter_based_draws_are_uniform_and_sample_the_distribution():
+    """The draws a request's seed gives: in [0, 1), spread evenly over seeds and over steps, and through
+    `draw` they pick each token as often as its probability (never one of probability 0)."""
+    us = [uniform(seed, step) for seed in range(200) for step in range(50)]
+    assert all(0.0 <= u < 1.0 for u in us) and len(set(us)) == len(us)
+    counts = torch.histc(torch.tensor(us), bins=10, min=0.0, max=1.0)
+    assert counts.min() > 0.9 * len(us) / 10 and counts.max() < 1.1 * len(us) / 10  # 1,000 +- ~30 expected
+    assert uniform(7, 3) == uniform(7, 3) != uniform(8, 3) != uniform(7, 4)
+    probs = torch.tensor([0.5, 0.0, 0.3, 0.15, 0.05, 0.0])
+    n = 20000
+    got = draw(probs.expand(n, -1), torch.tensor([uniform(s, 0) for s in range(n)], dtype=torch.float64))
+    freq = torch.bincount(got, minlength=6).double() / n
+    assert freq[1] == freq[5] == 0
+    assert torch.allclose(freq, probs.double(), atol=0.012), freq  # ~4 standard errors at p = 0.5
+    # a draw at the top of [0, 1) stays inside the support; unnormalised rows are scaled by their total
+    assert draw(torch.tensor([[0.2, 0.8, 0.0]]), torch.tensor([1 - 2**-53], dtype=torch.float64)).item() == 1
+    assert draw(torch.tensor([[2.0, 6.0]]), torch.tensor([0.24], dtype=torch.float64)).item() == 0
+
+
+def test_a_steps_sampled_rows_draw_in_one_call_and_each_row_as_if_alone():
+    """`sample` on a batch of rows with their own temperatures and draws gives each row what it gives
+    alone, and the greedy rows their argmax."""
+    torch.manual_seed(0)
+    logits = torch.randn(6, 50)
+    params = [SamplingParams(temperature=t, top_p=p) for t, p in
+              [(0.0, 1.0), (0.7, 1.0), (1.3, 0.9), (0.0, 1.0), (1.0, 0.5), (0.4, 0.95)]]
+    draws = [None if p.greedy else uniform(i, 5) for i, p in enumerate(params)]
+    together = sample(logits, params, draws, None)
+    alone = [int(sample(logits[i : i + 1], [p], [d], None)) for i, (p, d) in enumerate(zip(params, draws))]
+    assert together.tolist() == alone
+    assert together[0] == logits[0].argmax() and together[3] == logits[3].argmax()
+
+
+def test_a_generate_batch_row_samples_as_the_engine_request_seeded_seed_plus_its_row(fixtures_dir):
+    model, processor = load_pretrained(fixtures_dir / "tiny_mha-seed1")
+    cases = load_cases(fixtures_dir / "tiny_mha-seed1.golden.npz")
+    preps = [processor.prepare(cases[c]["conversation"], cases[c]["images"]) for c in ("text_only", "text_only")]
+    batch = model.generate(processor.collate(preps), max_new_tokens=10, temperature=1.4, seed=20, eos_token_id=-1)
+    engine = Engine(model, processor, kv_cache_tokens=8192)
+    rows = engine.generate(preps, [SamplingParams(max_new_tokens=10, temperature=1.4, seed=s, ignore_eos=True)
+                                   for s in (20, 21)])
+    assert [r.tokens for r in rows] == batch.tolist()
+    assert rows[0].tokens != rows[1].tokens  # the same prompt, two seeds
 
 
 def test_no_repeat_ngram_guard(fixtures_dir):
