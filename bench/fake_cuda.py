@@ -46,6 +46,9 @@ CONFIGS = {  # engine keyword overrides; the default CUDA engine captures graphs
     "bucketed decode, in place": {"cuda_graphs": False, "static_decode": True, "in_place_decode": True},
     "packed decode, gathered": {"cuda_graphs": False},
     "packed decode, in place": {"cuda_graphs": False, "in_place_decode": True},
+    # the sampled path: every row drawn in one call, top-p, the repetition penalty's seen-token table
+    "bucketed decode, sampled": {"cuda_graphs": False, "static_decode": True,
+                                 "sampling": {"temperature": 0.7, "top_p": 0.9, "repetition_penalty": 1.1}},
 }
 
 
@@ -114,12 +117,15 @@ def run_config(model, processor, preps, opts: dict, new_tokens: int, mode: HostR
     t0 = time.perf_counter()
     row: dict = {"ok": False}
     try:
+        opts = dict(opts)
+        sampling = opts.pop("sampling", {})
         engine = Engine(model, processor, **opts)
         row["plan"] = {"cache_tokens": engine.plan.tokens, "block_size": engine.plan.block_size,
                        "max_seqs": engine.plan.max_seqs, "max_step_tokens": engine.plan.max_step_tokens,
                        "cache_gb": round(engine.plan.budget_bytes / 1e9, 1)}
-        params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
-        futures = [engine.submit(p, params) for p in preps]
+        futures = [engine.submit(p, SamplingParams(max_new_tokens=new_tokens, ignore_eos=True,
+                                                   seed=i if sampling else None, **sampling))
+                   for i, p in enumerate(preps)]
         steps = []
         while engine.has_work():
             ops, h2d = sum(mode.ops.values()), mode.h2d
