@@ -34,10 +34,9 @@ from model.presets import make_config  # noqa: E402
 
 def folded(moe: MoE) -> Experts:
     """The routed experts with the shared MLP's S slices appended as experts E .. E + S - 1 (a copy)."""
-    r = moe.experts
+    r, sh = moe.experts, moe.shared_experts
     num, inner, hidden = r.gate_proj.shape
-    s = moe.shared_experts.gate_proj.weight.shape[0] // inner
-    sh = moe.shared_experts
+    s = sh.gate_proj.weight.shape[0] // inner
     f = Experts(num + s, hidden, inner).to(r.gate_proj.device, r.gate_proj.dtype)
     with torch.no_grad():
         f.gate_proj.copy_(torch.cat([r.gate_proj, sh.gate_proj.weight.view(s, inner, hidden)]))

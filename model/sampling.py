@@ -168,5 +168,5 @@ def sample(
         drop[:, -1] = False
         sub = sub.masked_fill(torch.zeros_like(drop).scatter(1, order, drop), float("-inf"))
     probs = sub.softmax(-1)
-    u = torch.tensor([draws[i] for i in sampled], dtype=torch.float64)
-    return out.index_copy(0, idx, draw(probs, u.to(dev, non_blocking=True)))
+    u = torch.tensor([draws[i] for i in sampled], dtype=torch.float64, device=dev)
+    return out.index_copy(0, idx, draw(probs, u))
