@@ -40,11 +40,12 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256)
 class StaticDecode:
     def __init__(self, language, cache: PagedKVCache, scratch_block: int, max_batch: int, max_tokens: int,
                  *, graphs: bool, width_granule: int = 512, max_graphs: int = 64,
-                 stats: collections.Counter | None = None):
+                 stats: collections.Counter | None = None, paged: bool = False):
         dev = language.lm_head.weight.device
         if graphs and dev.type != "cuda":
             raise ValueError(f"CUDA graphs need a CUDA device; the model is on {dev}")
         self.language, self.cache, self.device = language, cache, dev
+        self.paged = paged  # gathered rows attend through the paged kernel (reads the tables in place)
         bs = cache.block_size
         self.granule = max(1, math.ceil(width_granule / bs))  # in blocks
         self.max_blocks = -(-math.ceil(max_tokens / bs) // self.granule) * self.granule
@@ -117,12 +118,14 @@ class StaticDecode:
         gathered by the tables), logits into `self.logits`."""
         (b, w, run), bs = key, self.cache.block_size
         embeds = self.language.model.embed_tokens(self.tokens[:b]).to(self.language.lm_head.weight.dtype)
-        mask = (torch.arange(w * bs, device=self.device)[None] < self.lengths[:b, None])[:, None, None]
         rows = self.rows[:b]
-        if run is None:
-            pieces = {"decodes": [DecodeGroup(rows=rows, blocks=self.tables[:b, :w], mask=mask)]}
+        if run is None and self.paged:  # each row read to its own length: no mask, no padding to the widest
+            pieces = {"decodes": [DecodeGroup(rows=rows, blocks=self.tables[:b, :w], mask=None,
+                                              lengths=self.lengths[:b])]}
         else:
-            pieces = {"in_place": [InPlace(rows=rows, start=run[0], stride=run[1], length=w * bs, mask=mask)]}
+            mask = (torch.arange(w * bs, device=self.device)[None] < self.lengths[:b, None])[:, None, None]
+            pieces = ({"decodes": [DecodeGroup(rows=rows, blocks=self.tables[:b, :w], mask=mask)]} if run is None else
+                      {"in_place": [InPlace(rows=rows, start=run[0], stride=run[1], length=w * bs, mask=mask)]})
         step = StepBatch(embeds=embeds, positions=self.positions[:b], slots=self.slots[:b], logit_rows=rows,
                          **pieces)
         self.logits[:b].copy_(forward_step(self.language, step, self.cache))

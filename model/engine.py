@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import collections
 import itertools
+import logging
 import math
 import threading
 import time
@@ -42,10 +43,13 @@ from .decode_graphs import StaticDecode
 from .kv_cache import BlockAllocator, CachePlan, PagedKVCache, contiguous, plan_cache
 from .language import join_weights
 from .model import _real
+from .paged_attention import available as paged_kernel_available
 from .processor import PreparedInput
 from .runner import (DecodeGroup, InPlace, Prefill, StepBatch, decode_groups, forward_step, length_mask,
                      strided_runs)
 from .sampling import NgramGuard, SamplingParams, request_seed, sample, uniform
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -107,6 +111,7 @@ class Engine:
         reservation_granule: int | None = None,
         cuda_graphs: bool | None = None,
         static_decode: bool | None = None,
+        paged_attention: bool | None = None,
     ):
         self.model = model
         self.processor = processor
@@ -130,8 +135,24 @@ class Engine:
         self.decode_waste = decode_waste
         # CPU: decode tokens whose sequences' caches are contiguous attend to them in place, one SDPA call
         # per run of evenly spaced reservations (reads the cache once; a gathered copy reads it three times).
-        # CUDA: grouped calls over gathered blocks (one launch per group) until a paged kernel reads in place.
+        # CUDA: the paged kernel below (or, without it, grouped calls over gathered blocks).
         self.in_place_decode = self.device.type == "cpu" if in_place_decode is None else in_place_decode
+        # CUDA: decode tokens not read along a strided run attend through the paged kernel, which reads each
+        # sequence's blocks in place to its own length (no gathered, padded copy), where triton is present
+        # and the kernel agrees with gathered SDPA on this model's layout (`_paged_check`, once, here)
+        self.paged_fallback: str | None = None
+        if paged_attention is None:
+            paged_attention = self.device.type == "cuda" and paged_kernel_available()
+            if paged_attention:
+                try:
+                    self._paged_check()
+                except Exception as e:  # noqa: BLE001 - the kernel is an optimisation: gather instead
+                    paged_attention = False
+                    self.paged_fallback = f"{type(e).__name__}: {e}"
+                    log.warning("paged decode attention off, decode gathers blocks: %s", self.paged_fallback)
+        elif paged_attention and not paged_kernel_available():
+            raise ValueError("paged_attention=True needs triton")
+        self.paged_attention = bool(paged_attention)
         # reservations rounded up to `reservation_granule` tokens (default 512 where decode reads in place)
         granule = reservation_granule or (512 if self.in_place_decode else self.block_size)
         self.granule = max(1, math.ceil(granule / self.block_size))  # in blocks
@@ -170,7 +191,7 @@ class Engine:
             self.usable_blocks -= 1
             self.static = StaticDecode(lang, self.cache, scratch, self.plan.max_seqs,
                                        min(self.max_context, self.usable_blocks * self.block_size),
-                                       graphs=bool(cuda_graphs), stats=self.stats)
+                                       graphs=bool(cuda_graphs), stats=self.stats, paged=self.paged_attention)
 
     # -- submission ------------------------------------------------------------------------------
 
@@ -496,6 +517,14 @@ class Engine:
         in_place = self._in_place_groups(here)
         self.stats["in_place_runs"] += len(in_place)
         self.stats["in_place_tokens"] += len(here)
+        if self.paged_attention and lengths:  # one call; the kernel reads each sequence to its own length
+            nb = math.ceil(max(lengths) / bs)
+            table = self._tables[[decoding[i].row for i in gathered], :nb]
+            groups.append(DecodeGroup(rows=torch.tensor([row + i for i in gathered], device=dev),
+                                      blocks=torch.from_numpy(table).to(dev), mask=None,
+                                      lengths=torch.tensor(lengths, device=dev)))
+            self.stats["paged_decode_tokens"] += len(lengths)
+            lengths = []
         for g in decode_groups(lengths, self.decode_waste) if lengths else []:
             nb = math.ceil(max(lengths[i] for i in g) / bs)
             table = self._tables[[decoding[gathered[i]].row for i in g], :nb]
@@ -556,6 +585,28 @@ class Engine:
                                stride=starts[1] - starts[0] if len(run) > 1 else 0, length=length,
                                mask=length_mask(list(lens), length, self.device) if min(lens) != length else None))
         return out
+
+    def _paged_check(self) -> None:
+        """The paged kernel against gathered SDPA on this model's first attention layer, in its dtype and
+        block size, on random entries: raises unless they agree (a Triton or driver problem shows here,
+        before any request depends on it)."""
+        attn = self.model.language.model.layers[0].self_attn
+        bs, dev = self.block_size, self.device
+        cache = PagedKVCache([attn.entry_shapes()], 8, bs, dev, self.dtype)
+        lengths = [1, 3 * bs + 5]
+        tables = torch.tensor([[6, 0, 0, 0], [2, 7, 1, 4]], device=dev)
+        with torch.inference_mode():
+            for c in cache.layers[0]:
+                c.normal_()
+            hidden = self.model.language.model.embed_tokens.weight.shape[1]
+            x = torch.randn(1, 2, hidden, device=dev, dtype=self.dtype)
+            q = attn.project(x, torch.tensor([[5, 3 * bs + 4]], device=dev))[0][0].transpose(0, 1)  # [2, H, d]
+            got = attn.core_paged(q, cache.layers[0], tables, torch.tensor(lengths, device=dev), bs)
+            k, v = attn.kv_from_tokens(cache.gather(0, tables))
+            want = attn.core(q[:, :, None], k, v, mask=length_mask(lengths, tables.shape[1] * bs, dev))[:, 0]
+        diff, scale = (got.float() - want.float()).abs().max().item(), want.float().abs().max().item()
+        if not diff <= 2e-2 * scale + 1e-3:
+            raise RuntimeError(f"paged kernel differs from gathered SDPA by {diff:.3g} (outputs up to {scale:.3g})")
 
     def _finish(self, s: _Sequence, reason: str, error: str | None = None) -> None:
         if s in self._running:

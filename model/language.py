@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import LanguageConfig
+from .paged_attention import paged_decode
 
 
 class RMSNorm(nn.Module):
@@ -217,6 +218,14 @@ class MHAttention(nn.Module):
     def entry_shapes(self) -> tuple[tuple[int, ...], ...]:
         return (self.kv_heads, self.head_dim), (self.kv_heads, self.head_dim)
 
+    def core_paged(self, q: torch.Tensor, pool: tuple[torch.Tensor, ...], tables: torch.Tensor,
+                   lengths: torch.Tensor, block_size: int) -> torch.Tensor:
+        """Decode attention read in place from the engine's pool (k, v [kv_heads, slots, D]) through block
+        tables: q [G, H, D] -> [G, H * D] (`core`'s result for one token per sequence)."""
+        k, v = pool
+        y = paged_decode(q, k, v, tables, lengths, block_size, self.head_dim**-0.5)
+        return y.reshape(q.shape[0], -1)
+
     @staticmethod
     def token_entries(entries: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
         """`project`'s entries for B=1 -> per-token rows [q, kv_heads, D]."""
@@ -317,6 +326,18 @@ class MLAttention(nn.Module):
     # the engine's paged cache stores one entry per token: the latent [rank] and the roped k_pe [rope]
     def entry_shapes(self) -> tuple[tuple[int, ...], ...]:
         return (self.rank,), (self.rope,)
+
+    def core_paged(self, q: torch.Tensor, pool: tuple[torch.Tensor, ...], tables: torch.Tensor,
+                   lengths: torch.Tensor, block_size: int) -> torch.Tensor:
+        """Decode attention read in place from the engine's pool (latent [slots, rank], k_pe [slots, rope])
+        through block tables: the absorbed q [G, H, rank + rope] -> [G, H * v_dim]. The latent is the one
+        kv head of every query head and its value too, so each latent row is read once for all heads."""
+        latent, k_pe = pool
+        y = paged_decode(q[..., : self.rank], latent[None], None, tables, lengths, block_size, self.scale,
+                         q_rope=q[..., self.rank :], k_rope=k_pe)  # [G, H, rank]
+        w = self.kv_b_proj.weight.view(self.heads, self.nope + self.v_dim, self.rank)
+        y = (y.transpose(0, 1) @ w[:, self.nope :].transpose(1, 2)).transpose(0, 1)  # [G, H, v_dim]
+        return y.reshape(q.shape[0], -1)
 
     @staticmethod
     def token_entries(entries: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:

@@ -7,7 +7,8 @@ flash calls, prefix and chunk, joined by their log-sum-exps), and
 the decode tokens attend in groups of similar cached length, each group padded only to its own
 longest member, so no sequence is padded to the batch's longest. A group reads its sequences'
 caches in place when they are evenly spaced contiguous runs (`InPlace`, one strided view), else
-it gathers their blocks (`DecodeGroup`).
+it gathers their blocks (`DecodeGroup`), or, with the paged kernel (CUDA), one `DecodeGroup` reads
+every sequence's blocks in place to its own length.
 """
 from __future__ import annotations
 
@@ -45,7 +46,10 @@ class InPlace:
 class DecodeGroup:
     rows: torch.Tensor  # [G] packed rows of the group's tokens
     blocks: torch.Tensor  # [G, nb] block tables, padded with block 0
-    mask: torch.Tensor  # [G, 1, 1, nb * block_size] True at each sequence's real positions
+    mask: torch.Tensor | None  # [G, 1, 1, nb * block_size] True at each sequence's real positions
+    # [G] each sequence's cached tokens, this step's included: when given, attention reads the blocks in
+    # place with the paged kernel (model/paged_attention.py), to each one's length, and `mask` is None
+    lengths: torch.Tensor | None = None
 
 
 @dataclass
@@ -129,9 +133,12 @@ def _attention(attn, x: torch.Tensor, positions: torch.Tensor, step: StepBatch, 
         qs = q[0][:, d.rows].transpose(0, 1)[:, :, None]  # [G, H, 1, d]
         out[d.rows] = attn.core(qs, k, v, mask=d.mask)[:, 0]
     for g in step.decodes:
-        qs = q[0][:, g.rows].transpose(0, 1)[:, :, None]  # [G, H, 1, d]
+        qs = q[0][:, g.rows].transpose(0, 1)  # [G, H, d]
+        if g.lengths is not None:
+            out[g.rows] = attn.core_paged(qs, cache.layers[layer], g.blocks, g.lengths, cache.block_size)
+            continue
         k, v = attn.kv_from_tokens(cache.gather(layer, g.blocks))
-        out[g.rows] = attn.core(qs, k, v, mask=g.mask)[:, 0]
+        out[g.rows] = attn.core(qs[:, :, None], k, v, mask=g.mask)[:, 0]
     return attn.o_proj(out)[None]
 
 

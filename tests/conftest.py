@@ -2,6 +2,10 @@
 import os
 from pathlib import Path
 
+# The paged decode kernel (model/paged_attention.py) runs on CPU tensors in Triton's interpreter, a switch
+# triton reads when it is imported: set before any test imports the model.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
