@@ -3,10 +3,14 @@
     python bench/gpu_engine.py --device cuda --checkpoint /tmp/pagemill-tiny-full \
         --fixtures .fixtures/tiny_mha-seed1 .fixtures/small_mla-seed1 --json $OUT/gpu_engine.json
 
+0. One layer's decode attention at tiny's, small's and base's shapes (`bench/paged_decode_bench.py`): the paged
+   kernel against gathering the blocks and SDPA, ms and GB/s, and whether they agree (a Triton kernel that does
+   not compile on this device shows here first).
 1. `model.bench` on the real-size checkpoint for the page and catalog workloads (bf16): items/s, prefill and
    decode tokens/s, vision tiles/s, peak memory, roofline fraction, and the one-at-a-time baseline in the same run;
-   page again with decode attention reading the cache in place (strided runs) instead of gathering blocks, and
-   both page variants again with every step eager (no CUDA graphs for the decode-only steps).
+   page again with decode attention gathering blocks (no paged kernel: the previous default), and reading the
+   cache in place along strided runs, and page with every step eager (no CUDA graphs for the decode-only steps),
+   with and without the paged kernel.
 2. Per fixture case: the engine's bf16 greedy tokens against `model.generate`'s bf16 tokens and against the
    reference's float32 tokens (leading tokens that agree).
 3. A profile of the engine's steps (page and catalog, `--profile-requests` requests, every step eager so the
@@ -42,6 +46,7 @@ from model.smoke import write_smoke_checkpoint  # noqa: E402
 
 sys.path.insert(0, str(REPO / "bench"))
 import moe_fold  # noqa: E402
+import paged_decode_bench  # noqa: E402
 from gpu_check import _agree, _free  # noqa: E402
 
 
@@ -175,16 +180,19 @@ def main(argv: list[str] | None = None) -> dict:
                                  str(dtype).split(".")[1], "--workload", workload, "--requests", str(n),
                                  "--baseline-requests", "1", "--skip-static", *flags, *extra])
 
-    # most telling first (a time-out keeps what ran): the default (decode-only steps as CUDA graphs over
-    # gathered blocks), the same with decode attention reading the pool in place along evenly spaced runs,
-    # catalog, the engine's tokens against generate's, then both page variants with every step eager
+    # most telling first (a time-out keeps what ran): the kernel alone, the default (decode-only steps as CUDA
+    # graphs, attention through the paged kernel), the same gathering blocks (the previous default) and reading
+    # the pool along evenly spaced runs, catalog, the engine's tokens against generate's, then page eager
+    small = ["--batch", "2", "4", "--repeats", "2"] if args.size == "mini" else []  # the interpreter is slow
+    step("paged_decode", lambda: paged_decode_bench.main(["--device", args.device, "--size", args.size, *small]))
     step("tiny_page", lambda: bench("page", args.page_requests))
+    step("tiny_page_gathered", lambda: bench("page", args.page_requests, "--paged-attention", "off"))
     step("tiny_page_in_place", lambda: bench("page", args.page_requests, "--in-place-decode", "on"))
     step("tiny_catalog", lambda: bench("catalog", args.catalog_requests))
     for fixture in args.fixtures:
         step(f"engine_vs_generate_{fixture.name}", lambda f=fixture: engine_vs_generate(f, args.device, dtype))
     step("tiny_page_no_graphs", lambda: bench("page", args.page_requests, "--cuda-graphs", "off"))
-    step("tiny_page_in_place_no_graphs", lambda: bench("page", args.page_requests, "--in-place-decode", "on",
+    step("tiny_page_gathered_no_graphs", lambda: bench("page", args.page_requests, "--paged-attention", "off",
                                                        "--cuda-graphs", "off"))
     step("moe_fold", lambda: moe_fold.main(["--device", args.device, "--size", args.size]))
     for workload, n in (("page", args.profile_requests), ("catalog", args.profile_requests)):

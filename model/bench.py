@@ -117,6 +117,9 @@ def main(argv: list[str] | None = None) -> dict:
                          "in place on CPU")
     ap.add_argument("--cuda-graphs", choices=["auto", "on", "off"], default="auto",
                     help="decode-only steps replayed as CUDA graphs at bucketed shapes; auto: on for cuda")
+    ap.add_argument("--paged-attention", choices=["auto", "on", "off"], default="auto",
+                    help="decode attention through the paged kernel (reads the blocks in place); auto: on for cuda "
+                         "where triton is present and the kernel passes the engine's check")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     ap.add_argument("--repeats", type=int, default=1,
                     help="runs of each variant, alternating; the median wall time is reported (noisy machines)")
@@ -142,6 +145,8 @@ def main(argv: list[str] | None = None) -> dict:
         limits["in_place_decode"] = args.in_place_decode == "on"
     if args.cuda_graphs != "auto":
         limits["cuda_graphs"] = args.cuda_graphs == "on"
+    if args.paged_attention != "auto":
+        limits["paged_attention"] = args.paged_attention == "on"
     engine = Engine(model, processor, **limits)
     params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
     engine.generate(prepared[:1], SamplingParams(max_new_tokens=2, ignore_eos=True))  # warm-up, not timed
@@ -198,6 +203,7 @@ def main(argv: list[str] | None = None) -> dict:
         "load_peak_gb": round(load_mem, 3),
         "peak_gb": round(peak, 3),
         "in_place_decode": engine.in_place_decode,
+        "paged_attention": {"on": engine.paged_attention, "fallback": engine.paged_fallback},
         "cuda_graphs": {"on": bool(engine.static and engine.static.use_graphs),
                         "fallback": engine.static.fallback if engine.static else None,
                         **{k: engine.stats[k] for k in ("static_decode_steps", "static_decode_in_place_steps",

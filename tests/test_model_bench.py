@@ -83,9 +83,18 @@ def test_gpu_engine_rehearsal_on_cpu(tmp_path, fixtures_dir):
     assert report["tiny_page_in_place"]["in_place_decode"] is True and report["tiny_page_in_place"]["generated_tokens"] == 4
     # CUDA graphs: never on a CPU device (auto), and the eager comparison run is there
     assert report["tiny_page"]["cuda_graphs"]["on"] is False and report["tiny_page"]["cuda_graphs"]["fallback"] is None
-    for name in ("tiny_page_no_graphs", "tiny_page_in_place_no_graphs"):
+    for name in ("tiny_page_no_graphs", "tiny_page_gathered_no_graphs"):
         assert report[name]["generated_tokens"] == 4 and not report[name]["cuda_graphs"]["on"]
-    assert report["tiny_page_in_place_no_graphs"]["in_place_decode"] is True
+    # the paged kernel: auto is off on CPU (no fallback to report), off where asked; alone, it agrees with
+    # gathered SDPA at each variant's mini shapes (run in Triton's interpreter here)
+    assert report["tiny_page"]["paged_attention"] == {"on": False, "fallback": None}
+    assert report["tiny_page_gathered"]["paged_attention"]["on"] is False
+    assert report["tiny_page_gathered"]["generated_tokens"] == 4
+    for v in ("tiny", "small", "base"):
+        for b in ("2", "4"):
+            row = report["paged_decode"][v][b]
+            assert row["max_abs_diff"] <= 1e-5 * max(row["ref_max_abs"], 1.0) and row["ref_max_abs"] > 0
+            assert row["paged_ms"] > 0 and row["gathered_ms"] > 0 and row["kv_read_mb"] > 0
     cases = report["engine_vs_generate_tiny_mha-seed1"]
     assert len(cases) == 5 and all(c["engine_vs_generate"] == c["of"] == 8 for c in cases.values())
     for w in ("page", "catalog"):  # the profiled phases ran: all prompts prefilled, then 20 decode steps

@@ -81,3 +81,5 @@ def test_engine_options_reach_the_engine():
     assert engine_limits(JobConfig(**BASE, job="catalog")) == {}
     c = JobConfig(**BASE, job="catalog", engine_max_seqs=32, engine_cuda_graphs=False)
     assert engine_limits(c) == {"max_seqs": 32, "cuda_graphs": False}
+    c = JobConfig(**BASE, job="catalog", engine_paged_attention=False)
+    assert engine_limits(c) == {"paged_attention": False}
