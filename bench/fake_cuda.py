@@ -8,7 +8,9 @@ runs this without a GPU or driver); torch's CPU-only builds refuse views of fake
 Every device tensor is a FakeTensor (shapes, dtypes, devices and strides propagate through torch's own
 meta kernels; nothing is allocated), host tensors stay real. So a run checks, before a GPU is lent:
 * that the CUDA branches run at bf16 and the real shapes (grouped expert products, MLA absorbed decode,
-  masked continued chunks, bucketed decode steps gathered and in place, the vision tower on 7 tiles);
+  masked continued chunks, bucketed decode steps gathered, in place and through the paged kernel, whose
+  launch is stubbed: its arguments are checked, its body runs in the interpreter tests, the vision tower on
+  7 tiles);
 * that the memory planner sizes the cache from an H200's free memory after the weights
   (`torch.cuda.mem_get_info` is answered with it);
 * that no step reads a device value on the host except the sampled tokens: a read of a fake tensor's value
@@ -33,6 +35,7 @@ from torch.utils._pytree import tree_leaves, tree_map
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import model.engine as engine_module  # noqa: E402
+import model.paged_attention as paged_attention  # noqa: E402
 from model import Engine, SamplingParams  # noqa: E402
 from model.bench import synthetic_requests  # noqa: E402
 from model.config import VL2Config  # noqa: E402
@@ -40,16 +43,41 @@ from model.language import Rotary  # noqa: E402
 from model.loading import build_empty, load_processor  # noqa: E402
 from model.presets import make_config  # noqa: E402
 
-CONFIGS = {  # engine keyword overrides; the default CUDA engine captures graphs, which need a driver
-    "default (graphs: capture fails here, eager fallback)": {},
-    "bucketed decode, gathered": {"cuda_graphs": False, "static_decode": True},
-    "bucketed decode, in place": {"cuda_graphs": False, "static_decode": True, "in_place_decode": True},
-    "packed decode, gathered": {"cuda_graphs": False},
-    "packed decode, in place": {"cuda_graphs": False, "in_place_decode": True},
+CONFIGS = {  # engine keyword overrides; the default CUDA engine captures graphs, which need a driver, and
+    # checks the paged kernel, which cannot run on fakes: here it is asked for (its launch stubbed, see below)
+    "default (graphs: capture fails here, eager fallback)": {"paged_attention": True},
+    "bucketed decode, paged kernel": {"cuda_graphs": False, "static_decode": True, "paged_attention": True},
+    "packed decode, paged kernel": {"cuda_graphs": False, "paged_attention": True},
+    "bucketed decode, gathered": {"cuda_graphs": False, "static_decode": True, "paged_attention": False},
+    "bucketed decode, in place": {"cuda_graphs": False, "static_decode": True, "in_place_decode": True,
+                                  "paged_attention": False},
+    "packed decode, gathered": {"cuda_graphs": False, "paged_attention": False},
+    "packed decode, in place": {"cuda_graphs": False, "in_place_decode": True, "paged_attention": False},
     # the sampled path: every row drawn in one call, top-p, the repetition penalty's seen-token table
-    "bucketed decode, sampled": {"cuda_graphs": False, "static_decode": True,
+    "bucketed decode, sampled": {"cuda_graphs": False, "static_decode": True, "paged_attention": False,
                                  "sampling": {"temperature": 0.7, "top_p": 0.9, "repetition_penalty": 1.1}},
 }
+
+
+def stub_launch(launches: collections.Counter):
+    """The paged kernel's launch on fakes: Triton needs real device pointers, so the kernel body is not run
+    (tests/test_paged_attention.py runs it in the interpreter); this checks what the engine hands it, that
+    every tensor is a device tensor (a host one would be a copy or a fault on a GPU) and every other argument
+    a plain number (a device value read on the host would have raised already), then returns; the outputs it
+    would write are the wrapper's `torch.empty` fakes, which the split join then reads."""
+    class Launch:
+        def __getitem__(self, grid):
+            assert all(isinstance(g, int) and g > 0 for g in grid), grid
+
+            def run(*args, **const):
+                for a in args:
+                    if isinstance(a, torch.Tensor):
+                        assert isinstance(a, FakeTensor) and a.device.type == "cuda", (type(a), a.device)
+                    else:
+                        assert isinstance(a, (int, float)), type(a)
+                launches[grid[2]] += 1  # by splits
+            return run
+    return lambda: Launch()
 
 
 class HostRealMode(FakeTensorMode):
@@ -98,8 +126,14 @@ def run_variant(variant: str, processor, requests: int, new_tokens: int, gpu_gib
     out = {"weights_gb": round(weights / 1e9, 2), "configs": {}}
     total = int(gpu_gib * 2**30)
     real_mem_get_info, real_sample = torch.cuda.mem_get_info, engine_module.sample
+    real_compiled, real_available = paged_attention._compiled, paged_attention.available
+    real_programs = paged_attention._programs_wanted
     torch.cuda.mem_get_info = lambda device=None: (total - weights, total)  # an H200 after loading the weights
     engine_module.sample = tokens_on_host(real_sample)
+    launches: collections.Counter = collections.Counter()
+    paged_attention._compiled = stub_launch(launches)
+    engine_module.paged_kernel_available = lambda: True
+    paged_attention._programs_wanted = lambda index: 2 * 132  # an H200's 132 multiprocessors, twice
     try:
         with mode, torch.inference_mode():
             model = meta.to_empty(device=torch.device("cuda")).eval()
@@ -110,6 +144,9 @@ def run_variant(variant: str, processor, requests: int, new_tokens: int, gpu_gib
                 out["configs"][name] = run_config(model, processor, preps, opts, new_tokens, mode)
     finally:
         torch.cuda.mem_get_info, engine_module.sample = real_mem_get_info, real_sample
+        paged_attention._compiled, paged_attention._programs_wanted = real_compiled, real_programs
+        engine_module.paged_kernel_available = real_available
+    out["paged_launches_by_splits"] = dict(sorted(launches.items()))
     return out
 
 
@@ -145,7 +182,7 @@ def run_config(model, processor, preps, opts: dict, new_tokens: int, mode: HostR
             decode_only_steps=len(only),
             h2d_per_step_max={"decode-only": max((s["h2d"] for s in only), default=None),
                               "with prefill": max((s["h2d"] for s in mixed), default=None)},
-            grouped_mm_calls=mode.ops["aten._grouped_mm.default"],
+            grouped_mm_calls=mode.ops["aten._grouped_mm.default"], paged_attention=engine.paged_attention,
             stats={k: v for k, v in engine.stats.items() if k not in ("cuda_graph_capture_ms",)},
             graphs_fallback=engine.static.fallback if engine.static else None)
     except Exception as e:  # noqa: BLE001 - report which variant/config broke and go on
