@@ -595,11 +595,12 @@ class Engine:
         cache = PagedKVCache([attn.entry_shapes()], 8, bs, dev, self.dtype)
         lengths = [1, 3 * bs + 5]
         tables = torch.tensor([[6, 0, 0, 0], [2, 7, 1, 4]], device=dev)
+        gen = torch.Generator(device=dev).manual_seed(0)  # its own: the check leaves torch's global RNG alone
         with torch.inference_mode():
             for c in cache.layers[0]:
-                c.normal_()
+                c.normal_(generator=gen)
             hidden = self.model.language.model.embed_tokens.weight.shape[1]
-            x = torch.randn(1, 2, hidden, device=dev, dtype=self.dtype)
+            x = torch.randn(1, 2, hidden, device=dev, dtype=self.dtype, generator=gen)
             q = attn.project(x, torch.tensor([[5, 3 * bs + 4]], device=dev))[0][0].transpose(0, 1)  # [2, H, d]
             got = attn.core_paged(q, cache.layers[0], tables, torch.tensor(lengths, device=dev), bs)
             k, v = attn.kv_from_tokens(cache.gather(0, tables))

@@ -128,3 +128,12 @@ def test_kernel_compiles_for_hopper_at_the_released_layouts_without_spills():
         row = report[f"{v}_bf16"]
         assert row["registers"] and row["registers"] <= 255 and row["spill_store_bytes"] == 0, (v, row)
     assert report["tiny_bf16"]["num_warps"] == 4 and report["small_bf16"]["shared_bytes"] < 227 * 1024
+
+
+def test_the_engines_check_leaves_the_global_rng_alone(fixtures_dir):
+    model, processor = load_pretrained(fixtures_dir / "tiny_mha-seed1")
+    engine = Engine(model, processor, kv_cache_tokens=1024, paged_attention=True)
+    torch.manual_seed(11)
+    before = torch.get_rng_state()
+    engine._paged_check()
+    assert torch.equal(torch.get_rng_state(), before)
