@@ -43,8 +43,10 @@ def _kernel(Q, QR, K, KR, V, Tables, Lengths, Out, Lse,
             P: tl.constexpr, P_PAD: tl.constexpr, DV: tl.constexpr, DV_PAD: tl.constexpr,
             HAS_ROPE: tl.constexpr, V_IS_K: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr,
             USE_DOT: tl.constexpr, IEEE: tl.constexpr):
-    b = tl.program_id(0)
-    hk = tl.program_id(1)
+    # 64-bit offsets: a pool's head stride times a head index passes 2**31 on a large cache (tiny on an
+    # H200 comes within 5% of it), and Triton types small integer arguments as 32-bit
+    b = tl.program_id(0).to(tl.int64)
+    hk = tl.program_id(1).to(tl.int64)
     split = tl.program_id(2)
     length = tl.load(Lengths + b).to(tl.int32)
     start = split * tokens_per_split
@@ -147,7 +149,7 @@ def splits_for(batch: int, kv_heads: int, max_tokens: int, device: torch.device,
 def launch_config(heads: int, kv_heads: int, dim: int, dv: int, rope: int, block_size: int,
                   dtype: torch.dtype, value_is_key: bool) -> tuple[dict, int]:
     """The kernel's compile-time constants and warps for a layout. Chosen so that nothing spills at the
-    released shapes on sm_90 (ptxas, triton 3.6 and 3.8: tiny MHA 162 registers, small / base MLA 162 / 191;
+    released shapes on sm_90 in bf16 (ptxas, triton 3.6: tiny MHA 168 registers, small / base MLA 156 / 190;
     64 tokens a tile spilled for MHA). Not tuned on a GPU yet: `bench/paged_decode_bench.py` measures it."""
     group = heads // kv_heads
     use_dot = group > 1  # tl.dot needs 16 rows; one query row per kv head reduces on the vector units
