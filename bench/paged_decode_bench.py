@@ -16,14 +16,13 @@ import argparse
 import json
 import math
 import os
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from model.config import LanguageConfig  # noqa: E402
 from model.kv_cache import PagedKVCache  # noqa: E402
@@ -31,24 +30,7 @@ from model.language import MHAttention, MLAttention  # noqa: E402
 from model.paged_attention import interpreted  # noqa: E402
 from model.presets import make_config  # noqa: E402
 from model.runner import _additive, length_mask  # noqa: E402
-
-
-def _time(fn, device: str, repeats: int) -> float:
-    fn()
-    ts = []
-    for _ in range(repeats):
-        if device.startswith("cuda"):
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            fn()
-            b.record()
-            b.synchronize()
-            ts.append(a.elapsed_time(b))
-        else:
-            t = time.perf_counter()
-            fn()
-            ts.append((time.perf_counter() - t) * 1e3)
-    return statistics.median(ts)
+from moe_fold import _time  # noqa: E402  (median ms; CUDA events on CUDA)
 
 
 def measure(variant: str, size: str, batches: list[int], device: str, dtype: torch.dtype, repeats: int,
