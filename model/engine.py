@@ -524,13 +524,13 @@ class Engine:
                                       blocks=torch.from_numpy(table).to(dev), mask=None,
                                       lengths=torch.tensor(lengths, device=dev)))
             self.stats["paged_decode_tokens"] += len(lengths)
-            lengths = []
-        for g in decode_groups(lengths, self.decode_waste) if lengths else []:
-            nb = math.ceil(max(lengths[i] for i in g) / bs)
-            table = self._tables[[decoding[gathered[i]].row for i in g], :nb]
-            groups.append(DecodeGroup(rows=torch.tensor([row + gathered[i] for i in g], device=dev),
-                                      blocks=torch.from_numpy(table).to(dev),
-                                      mask=length_mask([lengths[i] for i in g], nb * bs, dev)))
+        elif lengths:
+            for g in decode_groups(lengths, self.decode_waste):
+                nb = math.ceil(max(lengths[i] for i in g) / bs)
+                table = self._tables[[decoding[gathered[i]].row for i in g], :nb]
+                groups.append(DecodeGroup(rows=torch.tensor([row + gathered[i] for i in g], device=dev),
+                                          blocks=torch.from_numpy(table).to(dev),
+                                          mask=length_mask([lengths[i] for i in g], nb * bs, dev)))
         step = StepBatch(
             embeds=torch.cat(pieces).to(self.dtype),
             positions=torch.from_numpy(np.concatenate(positions)).to(dev),

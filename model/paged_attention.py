@@ -42,7 +42,7 @@ def _kernel(Q, QR, K, KR, V, Tables, Lengths, Out, Lse,
             G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
             P: tl.constexpr, P_PAD: tl.constexpr, DV: tl.constexpr, DV_PAD: tl.constexpr,
             HAS_ROPE: tl.constexpr, V_IS_K: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr,
-            USE_DOT: tl.constexpr, IEEE: tl.constexpr):
+            USE_DOT: tl.constexpr, PRECISION: tl.constexpr):
     # 64-bit offsets: a pool's head stride times a head index passes 2**31 on a large cache (tiny on an
     # H200 comes within 5% of it), and Triton types small integer arguments as 32-bit
     b = tl.program_id(0).to(tl.int64)
@@ -75,19 +75,13 @@ def _kernel(Q, QR, K, KR, V, Tables, Lengths, Out, Lse,
         k = tl.load(K + hk * s_kh + slots[:, None] * s_ks + d[None, :], mask=valid[:, None] & (d[None, :] < D),
                     other=0.0)
         if USE_DOT:
-            if IEEE:
-                s = tl.dot(q, tl.trans(k), input_precision="ieee")
-            else:
-                s = tl.dot(q, tl.trans(k))
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
         else:
             s = tl.sum(q[:, None, :].to(tl.float32) * k[None, :, :].to(tl.float32), axis=2)
         if HAS_ROPE:
             kr = tl.load(KR + slots[:, None] * s_krs + r[None, :], mask=valid[:, None] & (r[None, :] < P), other=0.0)
             if USE_DOT:
-                if IEEE:
-                    s += tl.dot(qr, tl.trans(kr), input_precision="ieee")
-                else:
-                    s += tl.dot(qr, tl.trans(kr))
+                s += tl.dot(qr, tl.trans(kr), input_precision=PRECISION)
             else:
                 s += tl.sum(qr[:, None, :].to(tl.float32) * kr[None, :, :].to(tl.float32), axis=2)
         s = tl.where(valid[None, :], s * scale, float("-inf"))
@@ -101,10 +95,7 @@ def _kernel(Q, QR, K, KR, V, Tables, Lengths, Out, Lse,
             v = tl.load(V + hk * s_vh + slots[:, None] * s_vs + dv[None, :],
                         mask=valid[:, None] & (dv[None, :] < DV), other=0.0)
         if USE_DOT:
-            if IEEE:
-                pv = tl.dot(p.to(v.dtype), v, input_precision="ieee")
-            else:
-                pv = tl.dot(p.to(v.dtype), v)
+            pv = tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         else:
             pv = tl.sum(p[:, :, None] * v[None, :, :].to(tl.float32), axis=1)
         acc = acc * alpha[:, None] + pv
@@ -160,7 +151,9 @@ def launch_config(heads: int, kv_heads: int, dim: int, dv: int, rope: int, block
         block_n = max(block_n, 16)
     const = dict(G=group, G_PAD=_pow2(group, 16 if use_dot else 1), D=dim, D_PAD=_pow2(dim, 16),
                  P=max(rope, 1), P_PAD=_pow2(rope, 16), DV=dv, DV_PAD=_pow2(dv, 16), HAS_ROPE=rope > 0,
-                 V_IS_K=value_is_key, PAGE=block_size, BLOCK_N=block_n, USE_DOT=use_dot, IEEE=dtype == torch.float32)
+                 V_IS_K=value_is_key, PAGE=block_size, BLOCK_N=block_n, USE_DOT=use_dot,
+                 # float32 products in full precision (Triton's default for them is tf32); bf16 ones are unaffected
+                 PRECISION="ieee" if dtype == torch.float32 else "tf32")
     return const, 8 if use_dot and dim > 128 else 4
 
 
