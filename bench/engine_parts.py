@@ -34,7 +34,8 @@ def main(argv: list[str] | None = None) -> dict:
     model, processor = load_pretrained(args.checkpoint, device=args.device)
     preps = synthetic_requests(processor, "catalog", args.requests)
     engine = Engine(model, processor)
-    engine.generate(preps[:1], SamplingParams(max_new_tokens=2, ignore_eos=True))  # warm-up
+    # warm-up: eight requests, so that a decode-only step of 8 (the compiled CPU step's Engine.COMPILE_AT) compiles here
+    engine.generate(preps[:8], SamplingParams(max_new_tokens=16, ignore_eos=True))
     batches = [processor.collate([p]).to(args.device) for p in preps]
     n = args.new_tokens
 

@@ -30,7 +30,7 @@ GROUPS: dict[str, list[str]] = {
                   "num_model_workers_min", "num_model_workers_max", "cpus_per_model_worker", "gpus_per_worker",
                   "model_threads", "max_actor_restarts", "batches_in_flight", "engine_max_seqs",
                   "engine_kv_cache_tokens", "engine_max_step_tokens", "engine_cuda_graphs", "engine_paged_attention",
-                  "expert_parallel_size", "vision_workers"],
+                  "engine_compiled_decode", "expert_parallel_size", "vision_workers"],
     "limits": ["max_pixels", "max_bytes", "max_pdf_pages", "pdf_longest_side"],
     "storage credentials": ["s3_endpoint_url", "s3_region", "aws_access_key_id", "aws_secret_access_key",
                             "db_password_env"],

@@ -120,6 +120,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--paged-attention", choices=["auto", "on", "off"], default="auto",
                     help="decode attention through the paged kernel (reads the blocks in place); auto: on for cuda "
                          "where triton is present and the kernel passes the engine's check")
+    ap.add_argument("--compiled-decode", choices=["auto", "on", "off"], default="auto",
+                    help="CPU decode-only steps as one torch.compile'd function (model/compiled_decode.py); auto: on "
+                         "for CPU where it covers the model and PAGEMILL_COMPILED_DECODE is not 0")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     ap.add_argument("--repeats", type=int, default=1,
                     help="runs of each variant, alternating; the median wall time is reported (noisy machines)")
@@ -147,9 +150,13 @@ def main(argv: list[str] | None = None) -> dict:
         limits["cuda_graphs"] = args.cuda_graphs == "on"
     if args.paged_attention != "auto":
         limits["paged_attention"] = args.paged_attention == "on"
+    if args.compiled_decode != "auto":
+        limits["compiled_decode"] = args.compiled_decode == "on"
     engine = Engine(model, processor, **limits)
     params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
-    engine.generate(prepared[:1], SamplingParams(max_new_tokens=2, ignore_eos=True))  # warm-up, not timed
+    # warm-up, not timed: eight requests, so that decode-only steps of 8 sequences (the compiled CPU step's
+    # first compile, Engine.COMPILE_AT; the CUDA graphs' first captures) happen here
+    engine.generate(prepared[:8], SamplingParams(max_new_tokens=16, ignore_eos=True))
     model.generate(processor.collate(prepared[:1]).to(args.device), max_new_tokens=2)
     engine.stats.clear()
     if args.device.startswith("cuda"):
@@ -204,6 +211,8 @@ def main(argv: list[str] | None = None) -> dict:
         "peak_gb": round(peak, 3),
         "in_place_decode": engine.in_place_decode,
         "paged_attention": {"on": engine.paged_attention, "fallback": engine.paged_fallback},
+        "compiled_decode": {"on": engine.compiled is not None, "fallback": engine.compiled_fallback,
+                            "steps": engine.stats["compiled_decode_steps"]},
         "cuda_graphs": {"on": bool(engine.static and engine.static.use_graphs),
                         "fallback": engine.static.fallback if engine.static else None,
                         **{k: engine.stats[k] for k in ("static_decode_steps", "static_decode_in_place_steps",

@@ -69,7 +69,8 @@ def engine_limits(config: JobConfig) -> dict:
     return {k: v for k, v in dict(max_seqs=config.engine_max_seqs, kv_cache_tokens=config.engine_kv_cache_tokens,
                                   max_step_tokens=config.engine_max_step_tokens,
                                   cuda_graphs=config.engine_cuda_graphs,
-                                  paged_attention=config.engine_paged_attention).items() if v is not None}
+                                  paged_attention=config.engine_paged_attention,
+                                  compiled_decode=config.engine_compiled_decode).items() if v is not None}
 
 
 def batches_in_flight(config: JobConfig, gpu: bool) -> int:

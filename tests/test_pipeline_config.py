@@ -83,3 +83,5 @@ def test_engine_options_reach_the_engine():
     assert engine_limits(c) == {"max_seqs": 32, "cuda_graphs": False}
     c = JobConfig(**BASE, job="catalog", engine_paged_attention=False)
     assert engine_limits(c) == {"paged_attention": False}
+    c = JobConfig(**BASE, job="catalog", engine_compiled_decode=False)
+    assert engine_limits(c) == {"compiled_decode": False}

@@ -1,0 +1,142 @@
+"""CPU decode-only steps as one compiled function: what the CUDA graphs do for a GPU step.
+
+At the test and benchmark shapes (the mini checkpoint: hidden 64, 3 layers) a 16-sequence decode step is about
+1,700 small aten calls. Their dispatch, not their arithmetic, is most of the step (docs/performance.md,
+twelfth session). `torch.compile` (inductor's C++) fuses them.
+
+What it covers: decode-only steps of MHA layers. Attention is a reduction over each sequence's keys, read
+through its block table to its own length.
+
+The routed experts run as one padded batched product. Every expert is padded to the step's token count, so
+shapes are static and there is no graph break. That is E/K times the routed work, so `unsupported` allows it
+only where the experts are few for each one chosen.
+
+Any other step, and any step after a failure to compile, runs `runner.forward_step`, which stays the oracle.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn.functional as F
+
+from .language import MoE, _silu_gated, apply_rope
+
+log = logging.getLogger(__name__)
+
+MAX_EXPERTS_PER_CHOICE = 4  # padding every expert to the step's tokens costs E / K times the routed rows
+
+
+def unsupported(language) -> str | None:
+    """Why the compiled step cannot run this decoder, or None if it can."""
+    cfg = language.cfg
+    if cfg.use_mla:
+        return "MLA attention (small, base) is not covered"
+    if cfg.n_routed_experts and cfg.n_routed_experts > MAX_EXPERTS_PER_CHOICE * cfg.num_experts_per_tok:
+        return (f"{cfg.n_routed_experts} experts for {cfg.num_experts_per_tok} chosen: padding each expert to the "
+                f"step's tokens would waste more than {MAX_EXPERTS_PER_CHOICE}x the routed work")
+    if not hasattr(torch, "compile"):
+        return "this torch has no torch.compile"
+    return None
+
+
+def _padded_experts(x: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor, gate_up: torch.Tensor,
+                    down: torch.Tensor) -> torch.Tensor:
+    """`Experts.forward` with static shapes: each expert's tokens in its own row block of [E, N, hidden] (no
+    expert gets a token twice, so N rows always suffice), two batched products, then the same weighted sum."""
+    n, k = idx.shape
+    flat = idx.flatten()
+    order = flat.argsort(stable=True)
+    chosen = flat[order]
+    counts = torch.zeros(gate_up.shape[0], dtype=flat.dtype, device=x.device).scatter_add_(
+        0, flat, torch.ones_like(flat))  # not bincount: its output shape depends on the data (a graph break)
+    rank = torch.arange(flat.numel(), device=x.device) - (counts.cumsum(0) - counts)[chosen]
+    rows = x.new_zeros(gate_up.shape[0], n, x.shape[1])
+    rows[chosen, rank] = x[order // k]
+    out = torch.bmm(_silu_gated(torch.bmm(rows, gate_up.transpose(1, 2))), down.transpose(1, 2))
+    y = torch.empty(flat.numel(), x.shape[1], dtype=out.dtype, device=x.device)
+    y[order] = out[chosen, rank]
+    return (y.view(n, k, -1).float() * weight[..., None]).sum(1).to(x.dtype)
+
+
+class CompiledDecode:
+    @classmethod
+    def for_model(cls, language) -> "CompiledDecode":
+        """One per decoder, kept on it: every engine over the same model then shares one compiled graph (each
+        new instance would be traced and compiled again), and one that failed is not tried again."""
+        got = language.__dict__.get("_compiled_decode")
+        if got is None:
+            got = language.__dict__["_compiled_decode"] = cls(language)
+        return got
+
+    def __init__(self, language):
+        self.language = language
+        self.fallback: str | None = None
+        self._fn = torch.compile(self._step, dynamic=True)
+
+    def __call__(self, embeds: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, tables: torch.Tensor,
+                 lengths: torch.Tensor, block_size: int, cache) -> torch.Tensor | None:
+        """One decode-only step: token embeddings [N, hidden] (N >= 2: a size of 1 would be compiled as its own
+        graph) at `positions` [N], written to flat `slots` [N]; each row's block table [N, nb] and cached
+        length [N], this token's included. Returns float32 logits [N, vocab], or None if it failed to compile
+        or run (the caller then runs `forward_step`, and every later step too). Rerunning is safe: a failed
+        step has at most rewritten some cache slots with the values the eager step writes again."""
+        cos, sin = (t[0, 0][:, None] for t in self.language.model.layers[0].self_attn.rotary(
+            positions[None], embeds.dtype))  # [N, 1, D]
+        try:
+            return self._fn(embeds, cos, sin, slots, tables, lengths, block_size, cache.layers, self._joined())
+        except Exception as e:  # noqa: BLE001 - an optimisation: the eager step gives the same tokens
+            self.fallback = f"{type(e).__name__}: {e}"[:500]
+            log.warning("compiled CPU decode off, decode steps run eagerly: %s", self.fallback)
+            return None
+
+    def _joined(self) -> list[tuple]:
+        """Each layer's joined products (q/k/v; gate/up), looked up outside the compiled function: `joined`
+        checks its views' addresses, which tracing cannot."""
+        out = []
+        for layer in self.language.model.layers:
+            mlp = layer.mlp
+            if isinstance(mlp, MoE):
+                shared = mlp.shared_experts
+                ffn = (mlp.experts.joined(), None if shared is None else shared.joined(),
+                       None if shared is None else shared.down_proj.weight)
+            else:
+                ffn = (None, mlp.joined(), mlp.down_proj.weight)
+            out.append((*layer.self_attn.joined(), *ffn))
+        return out
+
+    def _step(self, x, cos, sin, slots, tables, lengths, block_size: int, pools, joined):
+        n = x.shape[0]
+        pos = torch.arange(tables.shape[1] * block_size, device=x.device)
+        # each row's cache slots in order, through its block table: read by the products below, where inductor
+        # loads them in place (an indirect load inside the reduction), never as a gathered copy
+        cached = tables[:, pos // block_size] * block_size + pos % block_size  # [N, L]
+        real = (pos[None] < lengths[:, None])[:, None]  # [N, 1, L]
+        for i, layer in enumerate(self.language.model.layers):
+            attn = layer.self_attn
+            qkv, qkv_bias, experts_gate_up, gate_up, down = joined[i]
+            h, kv, d = attn.heads, attn.kv_heads, attn.head_dim
+            y = F.linear(layer.input_layernorm(x), qkv, qkv_bias).view(n, h + 2 * kv, d)
+            qk = apply_rope(y[:, : h + kv], cos, sin, False)
+            q, k_new, v_new = qk[:, :h], qk[:, h:], y[:, h + kv :]
+            keys, values = pools[i]  # [kv_heads, slots, D]
+            keys.index_copy_(1, slots, k_new.transpose(0, 1))
+            values.index_copy_(1, slots, v_new.transpose(0, 1))
+            k, v = (c[:, cached].transpose(0, 1) for c in (keys, values))  # [N, kv_heads, L, D]
+            if kv != h:
+                k, v = k.repeat_interleave(h // kv, dim=1), v.repeat_interleave(h // kv, dim=1)
+            scores = (q[:, :, None] * k).sum(-1) * d**-0.5  # [N, H, L]
+            scores = scores.masked_fill(~real, float("-inf"))
+            out = (scores.softmax(-1)[..., None] * v).sum(-2).reshape(n, h * d)
+            x = x + attn.o_proj(out)
+            z = layer.post_attention_layernorm(x)
+            mlp = layer.mlp
+            dense = None if gate_up is None else F.linear(_silu_gated(F.linear(z, gate_up)), down)  # MLP, shared
+            if isinstance(mlp, MoE):
+                idx, weight = mlp.gate(z)
+                routed = _padded_experts(z, idx, weight, experts_gate_up, mlp.experts.down_proj)
+                x = x + (routed if dense is None else routed + dense)
+            else:
+                x = x + dense
+        lang = self.language
+        return lang.lm_head(lang.model.norm(x)).float()
