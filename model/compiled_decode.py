@@ -18,9 +18,8 @@ from __future__ import annotations
 import logging
 
 import torch
-import torch.nn.functional as F
 
-from .language import MoE, _silu_gated, apply_rope
+from .language import MoE, _silu_gated
 
 log = logging.getLogger(__name__)
 
@@ -81,31 +80,15 @@ class CompiledDecode:
         length [N], this token's included. Returns float32 logits [N, vocab], or None if it failed to compile
         or run (the caller then runs `forward_step`, and every later step too). Rerunning is safe: a failed
         step has at most rewritten some cache slots with the values the eager step writes again."""
-        cos, sin = (t[0, 0][:, None] for t in self.language.model.layers[0].self_attn.rotary(
-            positions[None], embeds.dtype))  # [N, 1, D]
+        rope = self.language.model.layers[0].self_attn.rotary(positions[None], embeds.dtype)  # as forward_step
         try:
-            return self._fn(embeds, cos, sin, slots, tables, lengths, block_size, cache.layers, self._joined())
+            return self._fn(embeds, rope, slots, tables, lengths, block_size, cache)
         except Exception as e:  # noqa: BLE001 - an optimisation: the eager step gives the same tokens
             self.fallback = f"{type(e).__name__}: {e}"[:500]
             log.warning("compiled CPU decode off, decode steps run eagerly: %s", self.fallback)
             return None
 
-    def _joined(self) -> list[tuple]:
-        """Each layer's joined products (q/k/v; gate/up), looked up outside the compiled function: `joined`
-        checks its views' addresses, which tracing cannot."""
-        out = []
-        for layer in self.language.model.layers:
-            mlp = layer.mlp
-            if isinstance(mlp, MoE):
-                shared = mlp.shared_experts
-                ffn = (mlp.experts.joined(), None if shared is None else shared.joined(),
-                       None if shared is None else shared.down_proj.weight)
-            else:
-                ffn = (None, mlp.joined(), mlp.down_proj.weight)
-            out.append((*layer.self_attn.joined(), *ffn))
-        return out
-
-    def _step(self, x, cos, sin, slots, tables, lengths, block_size: int, pools, joined):
+    def _step(self, x, rope, slots, tables, lengths, block_size: int, cache):
         n = x.shape[0]
         pos = torch.arange(tables.shape[1] * block_size, device=x.device)
         # each row's cache slots in order, through its block table: read by the products below, where inductor
@@ -114,29 +97,23 @@ class CompiledDecode:
         real = (pos[None] < lengths[:, None])[:, None]  # [N, 1, L]
         for i, layer in enumerate(self.language.model.layers):
             attn = layer.self_attn
-            qkv, qkv_bias, experts_gate_up, gate_up, down = joined[i]
             h, kv, d = attn.heads, attn.kv_heads, attn.head_dim
-            y = F.linear(layer.input_layernorm(x), qkv, qkv_bias).view(n, h + 2 * kv, d)
-            qk = apply_rope(y[:, : h + kv], cos, sin, False)
-            q, k_new, v_new = qk[:, :h], qk[:, h:], y[:, h + kv :]
-            keys, values = pools[i]  # [kv_heads, slots, D]
-            keys.index_copy_(1, slots, k_new.transpose(0, 1))
-            values.index_copy_(1, slots, v_new.transpose(0, 1))
-            k, v = (c[:, cached].transpose(0, 1) for c in (keys, values))  # [N, kv_heads, L, D]
+            q, entries = attn.project_packed(layer.input_layernorm(x), rope)  # q [1, H, N, D]
+            cache.write(i, slots, entries)
+            k, v = (c[:, cached].transpose(0, 1) for c in cache.layers[i])  # [N, kv_heads, L, D]
             if kv != h:
                 k, v = k.repeat_interleave(h // kv, dim=1), v.repeat_interleave(h // kv, dim=1)
-            scores = (q[:, :, None] * k).sum(-1) * d**-0.5  # [N, H, L]
+            scores = (q[0].transpose(0, 1)[:, :, None] * k).sum(-1) * d**-0.5  # [N, H, L]
             scores = scores.masked_fill(~real, float("-inf"))
             out = (scores.softmax(-1)[..., None] * v).sum(-2).reshape(n, h * d)
             x = x + attn.o_proj(out)
             z = layer.post_attention_layernorm(x)
             mlp = layer.mlp
-            dense = None if gate_up is None else F.linear(_silu_gated(F.linear(z, gate_up)), down)  # MLP, shared
             if isinstance(mlp, MoE):
                 idx, weight = mlp.gate(z)
-                routed = _padded_experts(z, idx, weight, experts_gate_up, mlp.experts.down_proj)
-                x = x + (routed if dense is None else routed + dense)
+                y = _padded_experts(z, idx, weight, mlp.experts.joined(), mlp.experts.down_proj)
+                x = x + (y if mlp.shared_experts is None else y + mlp.shared_experts(z))
             else:
-                x = x + dense
+                x = x + mlp(z)
         lang = self.language
         return lang.lm_head(lang.model.norm(x)).float()

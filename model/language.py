@@ -97,6 +97,8 @@ def joined(owner: nn.Module, key: str, params: list[torch.Tensor], dim: int) -> 
     tensor, kept on `owner` under `key`, so nothing is held twice; later calls check that they still are
     views of it (a `.to()` or a reload gives parameters their own storage again: they are joined anew)."""
     whole = owner.__dict__.get("_joined", {}).get(key)
+    if whole is not None and torch.compiler.is_compiling():
+        return whole  # tracing cannot read addresses; what is compiled ran after the engine joined every product
     if whole is not None and whole.dtype == params[0].dtype and whole.device == params[0].device:
         offset = 0
         for p in params:
