@@ -173,10 +173,7 @@ class Engine:
                                and os.environ.get("PAGEMILL_COMPILED_DECODE", "1") != "0")
         elif compiled_decode and (why_not or self.device.type != "cpu"):
             raise ValueError(f"compiled_decode=True cannot run here: {why_not or 'it is for CPU devices'}")
-        self.compiled: CompiledDecode | None = CompiledDecode.for_model(lang) if compiled_decode else None
-        self.compiled_fallback: str | None = None
-        if self.compiled is not None and self.compiled.fallback:  # it failed for an earlier engine on this model
-            self.compiled_fallback, self.compiled = self.compiled.fallback, None
+        self._compiled: CompiledDecode | None = CompiledDecode.for_model(lang) if compiled_decode else None
         # reservations rounded up to `reservation_granule` tokens (default 512 where decode reads in place)
         granule = reservation_granule or (512 if self.in_place_decode else self.block_size)
         self.granule = max(1, math.ceil(granule / self.block_size))  # in blocks
@@ -216,6 +213,18 @@ class Engine:
             self.static = StaticDecode(lang, self.cache, scratch, self.plan.max_seqs,
                                        min(self.max_context, self.usable_blocks * self.block_size),
                                        graphs=bool(cuda_graphs), stats=self.stats, paged=self.paged_attention)
+
+    @property
+    def compiled(self) -> CompiledDecode | None:
+        """The compiled CPU decode step this engine uses, None if off or if it failed (on this model, for any
+        of its engines: it is shared, and not tried again)."""
+        c = self._compiled
+        return None if c is None or c.fallback else c
+
+    @property
+    def compiled_fallback(self) -> str | None:
+        """Why the compiled step failed, if it did."""
+        return self._compiled.fallback if self._compiled is not None else None
 
     # -- submission ------------------------------------------------------------------------------
 
@@ -508,8 +517,7 @@ class Engine:
                                torch.from_numpy(pos).to(dev), torch.from_numpy(self._slots(rows, pos)).to(dev),
                                torch.from_numpy(self._tables[rows, : -(-int(lengths.max()) // bs)]).to(dev),
                                torch.from_numpy(lengths).to(dev), bs, self.cache)
-        if logits is None:
-            self.compiled_fallback, self.compiled = self.compiled.fallback, None
+        if logits is None:  # it failed: `compiled` is None from here on
             return None
         self.stats["compiled_decode_steps"] += 1
         return logits, decoding
