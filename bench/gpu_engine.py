@@ -69,14 +69,14 @@ def engine_vs_generate(fixture: Path, device: str, dtype: torch.dtype, n: int = 
     return out
 
 
-def profile_steps(checkpoint: Path, device: str, dtype: torch.dtype, workload: str, requests: int,
-                  decode_steps: int = 20) -> dict:
+def profile_steps(checkpoint: Path | None, device: str, dtype: torch.dtype, workload: str, requests: int,
+                  decode_steps: int = 20, loaded: tuple | None = None) -> dict:
     """Where a step's time goes: torch.profiler over the engine's prefill phase (admission, vision, prefill
     chunks mixed with decode) and then `decode_steps` pure decode steps, as tables sorted by device time
     (CPU time on CPU), with each phase's wall ms per step."""
     from torch.profiler import ProfilerActivity, profile
 
-    model, processor = load_pretrained(str(checkpoint), device=device, dtype=dtype)
+    model, processor = loaded or load_pretrained(str(checkpoint), device=device, dtype=dtype)
     preps = model_bench.synthetic_requests(processor, workload, requests)
     engine = Engine(model, processor, cuda_graphs=False)  # eager: a graph replay hides its kernels from the table
     params = SamplingParams(max_new_tokens=decode_steps + 8, ignore_eos=True)

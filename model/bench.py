@@ -28,6 +28,7 @@ from PIL import Image, ImageDraw
 
 from . import Engine, SamplingParams, load_pretrained
 from .roofline import measure_device, model_shapes, roofline, workload_cost
+from .smoke import random_pretrained
 
 PROMPTS = {
     "page": "<image>\n<|grounding|>Convert the document to markdown.",
@@ -95,9 +96,14 @@ def run_static(model, processor, prepared, batch: int, new_tokens: int, device: 
     return _timed(device, go)[1]
 
 
-def main(argv: list[str] | None = None) -> dict:
+def main(argv: list[str] | None = None, loaded: tuple | None = None) -> dict:
+    """`loaded`: a (model, processor) already on the device (one load serves several runs of a GPU script)."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--checkpoint", required=True, help="local dir, s3:// URL or hub id")
+    ap.add_argument("--checkpoint", default=None, help="local dir, s3:// URL or hub id")
+    ap.add_argument("--random-weights", choices=["tiny", "small", "base"], default=None,
+                    help="instead of --checkpoint: that variant's real-size random-weight model built in memory on "
+                         "the device (model.smoke.random_pretrained), nothing written or read")
+    ap.add_argument("--random-size", choices=["mini", "full"], default="full", help="with --random-weights")
     ap.add_argument("--workload", choices=sorted(PROMPTS), default="page")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", choices=["bfloat16", "float32"], default=None,
@@ -109,6 +115,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--baseline-requests", type=int, default=None,
                     help="requests for the one-at-a-time baseline (default: all on cpu, 2 on cuda)")
     ap.add_argument("--skip-static", action="store_true", help="do not run the static_batch variant")
+    ap.add_argument("--skip-baseline", action="store_true",
+                    help="do not run the one-at-a-time baseline (A/B runs whose ratio another run gives)")
     ap.add_argument("--max-seqs", type=int, default=None)
     ap.add_argument("--kv-cache-tokens", type=int, default=None)
     ap.add_argument("--max-step-tokens", type=int, default=None)
@@ -133,8 +141,17 @@ def main(argv: list[str] | None = None) -> dict:
     new_tokens = args.max_new_tokens or NEW_TOKENS[args.workload]
     torch.manual_seed(0)
 
-    (model, processor), load_s = _timed(args.device, lambda: load_pretrained(args.checkpoint, device=args.device,
-                                                                               dtype=dtype))
+    if loaded is None and not (args.checkpoint or args.random_weights):
+        ap.error("give --checkpoint or --random-weights")
+    if loaded is not None:
+        (model, processor), load_s = loaded, 0.0
+    elif args.random_weights:
+        (model, processor), load_s = _timed(args.device, lambda: random_pretrained(
+            args.random_weights, args.random_size, device=args.device, dtype=dtype))
+        args.checkpoint = f"random:{args.random_weights}-{args.random_size}"
+    else:
+        (model, processor), load_s = _timed(args.device, lambda: load_pretrained(
+            args.checkpoint, device=args.device, dtype=dtype))
     load_mem = peak_memory_gb(args.device)
     print(f"loaded {args.checkpoint} on {args.device} {dtype} in {load_s:.1f}s", flush=True)
 
@@ -171,7 +188,8 @@ def main(argv: list[str] | None = None) -> dict:
         walls["engine"].append(w)
         if not args.skip_static:
             walls["static"].append(run_static(model, processor, prepared, args.batch_size, new_tokens, args.device))
-        walls["baseline"].append(run_static(model, processor, prepared[:n_base], 1, new_tokens, args.device))
+        if not args.skip_baseline:
+            walls["baseline"].append(run_static(model, processor, prepared[:n_base], 1, new_tokens, args.device))
     wall = statistics.median(walls["engine"])
     assert all(r.finish_reason == "length" and len(r.tokens) == new_tokens for r in results), \
         [(r.finish_reason, r.error) for r in results if r.finish_reason != "length"][:3]
@@ -189,8 +207,9 @@ def main(argv: list[str] | None = None) -> dict:
     static_s = statistics.median(walls["static"]) if walls["static"] else None
     if static_s:
         print(f"static_batch (batch {args.batch_size}): {len(prepared) / static_s:.3f} items/s", flush=True)
-    baseline = n_base / statistics.median(walls["baseline"])
-    print(f"baseline (one at a time): {baseline:.3f} items/s", flush=True)
+    baseline = n_base / statistics.median(walls["baseline"]) if walls["baseline"] else None
+    if baseline:
+        print(f"baseline (one at a time): {baseline:.3f} items/s", flush=True)
 
     result = {
         "checkpoint": str(args.checkpoint),
@@ -239,8 +258,8 @@ def main(argv: list[str] | None = None) -> dict:
         "static_batch_items_per_s": round(len(prepared) / static_s, 4) if static_s else None,
         "speedup_vs_static_batch": round(static_s / wall, 2) if static_s else None,
         "baseline_requests": n_base,
-        "baseline_items_per_s": round(baseline, 4),
-        "speedup": round(items_per_s / baseline, 2),
+        "baseline_items_per_s": round(baseline, 4) if baseline else None,
+        "speedup": round(items_per_s / baseline, 2) if baseline else None,
         # per alternating repeat (engine and baseline seconds apart): steadier than the ratio of medians on a
         # machine whose speed drifts over minutes
         "speedup_per_repeat": [round((len(prepared) / e) / (n_base / b), 2)

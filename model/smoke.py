@@ -222,7 +222,8 @@ def count_parameters(config: dict[str, Any]) -> int:
     return sum(math.prod(s) for s in checkpoint_shapes(config).values())
 
 
-def init_tensor(key: str, shape: tuple[int, ...], seed: int, dtype: torch.dtype) -> torch.Tensor:
+def init_tensor(key: str, shape: tuple[int, ...], seed: int, dtype: torch.dtype,
+                device: str | torch.device = "cpu") -> torch.Tensor:
     """One tensor with the reference fixtures' init statistics, seeded per key.
 
     Seeding per key makes the values independent of shard size and write order.  Statistics (measured on
@@ -230,8 +231,8 @@ def init_tensor(key: str, shape: tuple[int, ...], seed: int, dtype: torch.dtype)
     N(0, 0.05), token embeddings N(0, 0.5), position/latent/layout vectors and gate bias N(0, 0.1).
     """
     digest = hashlib.sha256(f"{seed}/{key}".encode()).digest()
-    gen = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
-    t = torch.randn(shape, generator=gen, dtype=dtype)
+    gen = torch.Generator(device=device).manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
+    t = torch.randn(shape, generator=gen, dtype=dtype, device=device)
     module, _, leaf = key.rpartition(".")
     if key.endswith("embed_tokens.weight"):
         return t.mul_(0.5)
@@ -307,8 +308,9 @@ def write_smoke_checkpoint(out_dir: str | Path, variant: str, size: str = "mini"
 
 
 def write_checkpoint(out_dir: str | Path, config: dict[str, Any], tok: Tokenizer, seed: int,
-                     shard_size_mb: float = 5000) -> Path:
-    """Write `config` with random weights (dtype from its torch_dtype) and `tok` in the official layout."""
+                     shard_size_mb: float = 5000, weights: bool = True) -> Path:
+    """Write `config` with random weights (dtype from its torch_dtype) and `tok` in the official layout;
+    without `weights`, only the config and tokenizer files (what `random_pretrained` needs)."""
     torch_dtype = DTYPES[config["torch_dtype"]]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -318,6 +320,8 @@ def write_checkpoint(out_dir: str | Path, config: dict[str, Any], tok: Tokenizer
     for name, obj in tokenizer_files(tok).items():
         _write_json(out / name, obj, ascii_only=False)
 
+    if not weights:
+        return out
     shapes = checkpoint_shapes(config)
     itemsize = torch.empty((), dtype=torch_dtype).element_size()
     shards = plan_shards(shapes, itemsize, int(shard_size_mb * 2**20))
@@ -331,6 +335,45 @@ def write_checkpoint(out_dir: str | Path, config: dict[str, Any], tok: Tokenizer
     total = sum(math.prod(s) for s in shapes.values()) * itemsize
     _write_json(out / INDEX_NAME, {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))})
     return out
+
+
+class RandomWeights:
+    """A weight reader (model.loading's Reader) that draws each tensor on the target device instead of reading it.
+
+    Real-size benchmarks on a GPU then skip writing and re-reading 7-55 GB: same keys, shapes and init statistics
+    as a written checkpoint (draws on the device differ in value from the CPU's)."""
+
+    def __init__(self, config: dict[str, Any], seed: int = 0) -> None:
+        self._shapes, self.seed = checkpoint_shapes(config), seed
+
+    def keys(self) -> list[str]:
+        return list(self._shapes)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return self._shapes[key]
+
+    def get(self, key: str, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> torch.Tensor:
+        return init_tensor(key, self._shapes[key], self.seed, dtype or torch.float32, device)
+
+
+def random_pretrained(variant: str, size: str = "full", device: str | torch.device = "cpu",
+                      dtype: torch.dtype = torch.bfloat16, seed: int = 0, out_dir: str | Path | None = None):
+    """(model, processor) of a random-weight checkpoint built in memory on `device`: the config and tokenizer
+    files go to `out_dir` (a temporary dir by default), the weights through `RandomWeights` and the normal
+    loading path (same key and shape checks)."""
+    import tempfile
+
+    from model.config import load_config
+    from model.loading import build_empty, load_weights
+    from model.processor import Processor
+
+    name = {torch.bfloat16: "bfloat16", torch.float32: "float32"}[dtype]
+    config, tok = smoke_config(variant, size, name)
+    out = Path(out_dir or tempfile.mkdtemp(prefix=f"pagemill-{variant}-{size}-"))
+    write_checkpoint(out, config, tok, seed, weights=False)
+    model = build_empty(load_config(out), torch.device(device), dtype)
+    load_weights(model, RandomWeights(config, seed), torch.device(device), f"random {variant} {size}")
+    return model.eval(), Processor.from_pretrained(out)
 
 
 def _dry_run_lines(config: dict[str, Any]) -> Iterator[str]:
