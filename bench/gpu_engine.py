@@ -1,31 +1,38 @@
-"""The engine's GPU check, in one call (after bench/gpu_check.py, which writes the real-size tiny checkpoint).
+"""The engine issue's GPU run, in one device call: most telling part first, each part only if it fits a deadline.
 
-    python bench/gpu_engine.py --device cuda --checkpoint /tmp/pagemill-tiny-full \
-        --fixtures .fixtures/tiny_mha-seed1 .fixtures/small_mla-seed1 --json $OUT/gpu_engine.json
+    python3 bench/gpu_engine.py --device cuda --fixtures .fixtures/tiny_mha-seed1 .fixtures/small_mla-seed1 \
+        --json $OUT/gpu_engine.json --deadline-s 500 [--parts NAME ...]
 
-0. One layer's decode attention at tiny's, small's and base's shapes (`bench/paged_decode_bench.py`): the paged
-   kernel against gathering the blocks and SDPA, ms and GB/s, and whether they agree (a Triton kernel that does
-   not compile on this device shows here first).
-1. `model.bench` on the real-size checkpoint for the page and catalog workloads (bf16): items/s, prefill and
-   decode tokens/s, vision tiles/s, peak memory, roofline fraction, and the one-at-a-time baseline in the same run;
-   page again with decode attention gathering blocks (no paged kernel: the previous default), and reading the
-   cache in place along strided runs, and page with every step eager (no CUDA graphs for the decode-only steps),
-   with and without the paged kernel.
-2. Per fixture case: the engine's bf16 greedy tokens against `model.generate`'s bf16 tokens and against the
-   reference's float32 tokens (leading tokens that agree).
-3. A profile of the engine's steps (page and catalog, `--profile-requests` requests, every step eager so the
-   kernels show): the prefill phase, then 20 decode steps, each as a torch.profiler table sorted by device time,
-   with wall ms per step.
-4. Shared experts folded into the routed grouped product against their own MLP (`bench/moe_fold.py`): one MoE
-   layer at tiny's, small's and base's shapes, 256 and 4,096 tokens, eager and as a CUDA graph.
-5. The pipeline's model stage on the device without Ray: `Preprocess` then the `Generate` UDF's `__call__` on
-   one packed batch of the bundled samples, constructed directly (needs pyyaml and pypdfium2 besides pydantic).
-`--size mini` rehearses all of it on CPU in a minute. The last line printed is the JSON written to `--json`.
+Real-size models are built in memory on the device (`model.smoke.random_pretrained`: the official keys and
+shapes through the normal loading checks, random weights; nothing written or read), one variant at a time,
+shared by the parts that use it. Parts, in the default order:
+  tiny_page            model.bench page (256 requests): the default engine (CUDA graphs for decode-only steps,
+                       the paged decode kernel), with the one-at-a-time baseline (1 request) in the same run
+  tiny_catalog         model.bench catalog (512 requests), with its baseline
+  bf16_fixtures        per reference fixture case: greedy bf16 tokens of generate (and fp32, and fp32 on bf16-rounded
+                       weights) against the reference's fp32 tokens, with the logit gap where they part; and the
+                       engine's bf16 tokens against generate's (bench/gpu_check.fixture_agreement, engine_vs_generate)
+  small_page           small (MLA, absorbed decode) page, 256 requests, with its baseline
+  paged_decode         one layer's decode attention alone: the paged kernel against gather + SDPA, tiny's, small's
+                       and base's shapes, 64 and 256 sequences (bench/paged_decode_bench)
+  base_page            base page, 128 requests, no baseline
+  tiny_page_gathered   A/B: decode attention gathering blocks + SDPA (no paged kernel)
+  tiny_page_no_graphs  A/B: every step eager
+  profile_page         torch.profiler tables (device time) of the engine's prefill phase and 20 decode steps, eager
+  moe_fold             shared experts folded into the routed grouped product against their own MLP (bench/moe_fold)
+  tiny_page_in_place   A/B: decode reading the cache along strided runs
+  tiny_page_gathered_no_graphs, profile_catalog, small_catalog
+  pipeline_stage       the pipeline's model stage on the device without Ray (Preprocess, then Generate.__call__ on
+                       the bundled samples) on a mini checkpoint written here: it runs, rows are ok
+A part starts only when the time so far plus its estimate (ESTIMATE_S) fits `--deadline-s`; the JSON is rewritten
+after every part, so a time-out keeps what was measured. The last line printed is a one-line summary of the
+figures the issue's targets name. `--size mini` rehearses all of it on CPU (tests/test_model_bench.py).
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import sys
 import tempfile
@@ -42,11 +49,12 @@ sys.path.insert(0, str(REPO))
 
 from model import Engine, SamplingParams, load_pretrained  # noqa: E402
 from model import bench as model_bench  # noqa: E402
-from model.smoke import write_smoke_checkpoint  # noqa: E402
+from model.smoke import random_pretrained, write_smoke_checkpoint  # noqa: E402
 
 sys.path.insert(0, str(REPO / "bench"))
 import moe_fold  # noqa: E402
 import paged_decode_bench  # noqa: E402
+import gpu_check  # noqa: E402
 from gpu_check import _agree, _free  # noqa: E402
 
 
@@ -141,65 +149,158 @@ def pipeline_stage(checkpoint: Path, device: str) -> dict:
             "device": str(gen.device), "dtype": str(gen.dtype)}
 
 
+# seconds each part is expected to take on the H200, in the default order (a part is skipped when it would pass
+# the deadline); the builds of a variant (a few seconds: random draws on the device) fall in its first part
+ESTIMATE_S = {"tiny_page": 100, "tiny_catalog": 45, "bf16_fixtures": 40, "small_page": 120, "paged_decode": 40,
+              "base_page": 90, "tiny_page_gathered": 50, "tiny_page_no_graphs": 60, "profile_page": 30,
+              "moe_fold": 30, "tiny_page_in_place": 50, "tiny_page_gathered_no_graphs": 60, "profile_catalog": 25,
+              "small_catalog": 60, "pipeline_stage": 30}
+
+
+def free(device: str) -> None:
+    gc.collect()
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+class Models:
+    """One variant on the device at a time: asking for another drops the one held."""
+
+    def __init__(self, device: str, dtype: torch.dtype, size: str) -> None:
+        self.device, self.dtype, self.size, self.name, self.loaded, self.build_s = device, dtype, size, None, None, {}
+
+    def drop(self) -> None:
+        self.loaded = self.name = None
+        free(self.device)
+
+    def get(self, variant: str) -> tuple:
+        if self.name != variant:
+            self.drop()
+            t0 = time.perf_counter()
+            self.loaded = random_pretrained(variant, self.size, device=self.device, dtype=self.dtype)
+            model_bench.sync(self.device)
+            self.build_s[variant] = round(time.perf_counter() - t0, 2)
+            self.name = variant
+        return self.loaded
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--checkpoint", type=Path, default=Path("/tmp/pagemill-tiny-full"))
     ap.add_argument("--size", choices=["mini", "full"], default="full", help="mini: a quick rehearsal on CPU")
     ap.add_argument("--fixtures", type=Path, nargs="*", default=[])
+    ap.add_argument("--parts", nargs="*", default=list(ESTIMATE_S), choices=list(ESTIMATE_S))
+    ap.add_argument("--deadline-s", type=float, default=480.0)
     ap.add_argument("--page-requests", type=int, default=256)
     ap.add_argument("--catalog-requests", type=int, default=512)
+    ap.add_argument("--base-requests", type=int, default=128)
     ap.add_argument("--max-new-tokens", type=int, default=None, help="override the workloads' 700/150 (rehearsal)")
-    ap.add_argument("--profile-requests", type=int, default=64, help="requests in the profiled steps")
+    ap.add_argument("--profile-requests", type=int, default=64)
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args(argv)
-    dtype = torch.bfloat16 if args.device.startswith("cuda") or args.size == "full" else torch.float32
-    result: dict = {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d"), "device": args.device,
-                    "device_name": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
-                    "torch": torch.__version__}
-    if not (args.checkpoint / "config.json").exists():
-        t0 = time.perf_counter()
-        write_smoke_checkpoint(args.checkpoint, "tiny", size=args.size, seed=0, dtype="bfloat16")
-        result["write_checkpoint_s"] = round(time.perf_counter() - t0, 1)
-
-    def step(name, fn):
-        print(f"{name} ...", flush=True)
-        try:
-            result[name] = fn()
-        except Exception as e:  # noqa: BLE001 - record and go on: one failing part must not lose the others
-            result[name] = {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()[-3000:]}
-        _free(args.device)
-        if args.json:  # written after every part, so a time-out still leaves the figures so far
-            args.json.parent.mkdir(parents=True, exist_ok=True)
-            args.json.write_text(json.dumps(result, indent=1) + "\n")
-
+    t_start = time.perf_counter()
+    cuda = args.device.startswith("cuda")
+    dtype = torch.bfloat16 if cuda or args.size == "full" else torch.float32
+    result: dict = {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "device": args.device,
+                    "device_name": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__,
+                    "dtype": str(dtype).split(".")[1], "elapsed_s": {}, "skipped": []}
+    models = Models(args.device, dtype, args.size)
     extra = ["--max-new-tokens", str(args.max_new_tokens)] if args.max_new_tokens else []
 
-    def bench(workload: str, n: int, *flags: str) -> dict:
-        return model_bench.main(["--checkpoint", str(args.checkpoint), "--device", args.device, "--dtype",
-                                 str(dtype).split(".")[1], "--workload", workload, "--requests", str(n),
-                                 "--baseline-requests", "1", "--skip-static", *flags, *extra])
+    def bench(variant: str, workload: str, n: int, *flags: str) -> dict:
+        return model_bench.main(["--checkpoint", f"random:{variant}-{args.size}", "--device", args.device,
+                                 "--dtype", result["dtype"], "--workload", workload, "--requests", str(n),
+                                 "--baseline-requests", "1", "--skip-static", *flags, *extra],
+                                loaded=models.get(variant))
 
-    # most telling first (a time-out keeps what ran): the kernel alone, the default (decode-only steps as CUDA
-    # graphs, attention through the paged kernel), the same gathering blocks (the previous default) and reading
-    # the pool along evenly spaced runs, catalog, the engine's tokens against generate's, then page eager
-    small = ["--batch", "2", "4", "--repeats", "2"] if args.size == "mini" else []  # the interpreter is slow
-    step("paged_decode", lambda: paged_decode_bench.main(["--device", args.device, "--size", args.size, *small]))
-    step("tiny_page", lambda: bench("page", args.page_requests))
-    step("tiny_page_gathered", lambda: bench("page", args.page_requests, "--paged-attention", "off"))
-    step("tiny_page_in_place", lambda: bench("page", args.page_requests, "--in-place-decode", "on"))
-    step("tiny_catalog", lambda: bench("catalog", args.catalog_requests))
-    for fixture in args.fixtures:
-        step(f"engine_vs_generate_{fixture.name}", lambda f=fixture: engine_vs_generate(f, args.device, dtype))
-    step("tiny_page_no_graphs", lambda: bench("page", args.page_requests, "--cuda-graphs", "off"))
-    step("tiny_page_gathered_no_graphs", lambda: bench("page", args.page_requests, "--paged-attention", "off",
-                                                       "--cuda-graphs", "off"))
-    step("moe_fold", lambda: moe_fold.main(["--device", args.device, "--size", args.size]))
-    for workload, n in (("page", args.profile_requests), ("catalog", args.profile_requests)):
-        step(f"profile_{workload}", lambda w=workload, n=n: profile_steps(args.checkpoint, args.device, dtype, w, n))
-    step("pipeline_stage", lambda: pipeline_stage(args.checkpoint, args.device))
-    print(json.dumps(result), flush=True)
+    def fixtures() -> dict:
+        out: dict = {}
+        for f in args.fixtures:
+            out[f.name] = {"generate": gpu_check.fixture_agreement(f, args.device),
+                           "engine": engine_vs_generate(f, args.device, dtype)}
+        agree = [row["bfloat16_agree"] for f in out.values() for row in f["generate"].values()]
+        same = [c["engine_vs_generate"] == c["of"] for f in out.values() for c in f["engine"].values()]
+        out["bf16_cases_agreeing_8"] = f"{sum(a >= 8 for a in agree)}/{len(agree)}"
+        out["engine_equal_generate_bf16"] = f"{sum(same)}/{len(same)}"
+        return out
+
+    def profile(workload: str) -> dict:
+        return profile_steps(None, args.device, dtype, workload, args.profile_requests, loaded=models.get("tiny"))
+
+    def stage() -> dict:
+        models.drop()  # the stage loads its own model, from a mini checkpoint written here (a check, not a speed)
+        ckpt = Path(tempfile.mkdtemp(prefix="pagemill-stage-")) / "tiny-mini"
+        write_smoke_checkpoint(ckpt, "tiny", size="mini", seed=0)
+        return pipeline_stage(ckpt, args.device)
+
+    small = ["--batch", "2", "4", "--repeats", "2"] if args.size == "mini" else []
+    parts = {
+        "paged_decode": lambda: paged_decode_bench.main(["--device", args.device, "--size", args.size, *small]),
+        "tiny_page": lambda: bench("tiny", "page", args.page_requests),
+        "tiny_catalog": lambda: bench("tiny", "catalog", args.catalog_requests),
+        "bf16_fixtures": fixtures,
+        "small_page": lambda: bench("small", "page", args.page_requests),
+        "base_page": lambda: bench("base", "page", args.base_requests, "--skip-baseline"),
+        "tiny_page_gathered": lambda: bench("tiny", "page", args.page_requests, "--paged-attention", "off",
+                                            "--skip-baseline"),
+        "tiny_page_no_graphs": lambda: bench("tiny", "page", args.page_requests, "--cuda-graphs", "off",
+                                             "--skip-baseline"),
+        "profile_page": lambda: profile("page"),
+        "moe_fold": lambda: moe_fold.main(["--device", args.device, "--size", args.size]),
+        "tiny_page_in_place": lambda: bench("tiny", "page", args.page_requests, "--in-place-decode", "on",
+                                            "--skip-baseline"),
+        "tiny_page_gathered_no_graphs": lambda: bench("tiny", "page", args.page_requests, "--paged-attention", "off",
+                                                      "--cuda-graphs", "off", "--skip-baseline"),
+        "profile_catalog": lambda: profile("catalog"),
+        "small_catalog": lambda: bench("small", "catalog", args.catalog_requests, "--skip-baseline"),
+        "pipeline_stage": stage,
+    }
+    for name in args.parts:
+        elapsed = time.perf_counter() - t_start
+        if elapsed + ESTIMATE_S[name] > args.deadline_s:
+            result["skipped"].append(name)
+            print(f"{name}: skipped at {elapsed:.0f}s (deadline {args.deadline_s:.0f}s)", flush=True)
+            continue
+        print(f"{name} ... ({elapsed:.0f}s)", flush=True)
+        t0 = time.perf_counter()
+        try:
+            result[name] = parts[name]()
+        except Exception as e:  # noqa: BLE001 - record and go on: one failing part must not lose the others
+            result[name] = {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()[-3000:]}
+            print(result[name]["traceback"], flush=True)
+        result["elapsed_s"][name] = round(time.perf_counter() - t0, 1)
+        result["build_s"] = models.build_s
+        free(args.device)
+        if args.json:  # after every part, so a time-out still leaves the figures so far
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps(result, indent=1) + "\n")
+    result["total_s"] = round(time.perf_counter() - t_start, 1)
+    print(json.dumps(summary(result)), flush=True)
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=1) + "\n")
     return result
+
+
+def summary(result: dict) -> dict:
+    """The figures the issue's targets name, one line (the device tool returns the output's tail)."""
+    out = {"total_s": result.get("total_s"), "skipped": result["skipped"], "elapsed_s": result["elapsed_s"]}
+    for name, r in result.items():
+        if not isinstance(r, dict):
+            continue
+        if "error" in r:
+            out[name] = r["error"][:300]
+        elif "items_per_s" in r:
+            out[name] = {k: r.get(k) for k in ("items_per_s", "baseline_items_per_s", "speedup", "roofline_fraction",
+                                               "roofline_items_per_s", "decode_tokens_per_s", "peak_gb", "steps")}
+            out[name]["graphs"] = {k: r["cuda_graphs"].get(k) for k in ("on", "fallback", "cuda_graph_replays")}
+            out[name]["paged"] = r["paged_attention"]
+        elif name == "bf16_fixtures":
+            out[name] = {k: r.get(k) for k in ("bf16_cases_agreeing_8", "engine_equal_generate_bf16")}
+        elif name == "pipeline_stage":
+            out[name] = {k: r.get(k) for k in ("items", "status", "wall_s", "device")}
+    return out
 
 
 if __name__ == "__main__":

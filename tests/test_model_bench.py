@@ -68,35 +68,42 @@ def test_gpu_check_dry_run_on_cpu(tmp_path, fixtures_dir):
 
 
 def test_gpu_engine_rehearsal_on_cpu(tmp_path, fixtures_dir):
-    """The engine's one-call GPU script, rehearsed on CPU with a mini checkpoint: every part runs, the
-    engine's float32 tokens equal model.generate's, and the model stage runs without Ray."""
+    """The engine's one-call GPU script, rehearsed on CPU at mini size with in-memory models: every part runs,
+    the engine's tokens equal model.generate's, and the model stage runs without Ray."""
     out = subprocess.run(
         [sys.executable, str(REPO / "bench" / "gpu_engine.py"), "--device", "cpu", "--size", "mini",
-         "--checkpoint", str(tmp_path / "tiny"), "--page-requests", "2", "--catalog-requests", "2",
-         "--max-new-tokens", "2", "--profile-requests", "2", "--fixtures", str(fixtures_dir / "tiny_mha-seed1"),
-         "--json", str(tmp_path / "r.json")],
+         "--page-requests", "2", "--catalog-requests", "2", "--base-requests", "2", "--max-new-tokens", "2",
+         "--profile-requests", "2", "--fixtures", str(fixtures_dir / "tiny_mha-seed1"), "--json", str(tmp_path / "r.json")],
         capture_output=True, text=True, check=True, timeout=600,
     ).stdout.strip().splitlines()
-    report = json.loads(out[-1])
+    summary, report = json.loads(out[-1]), json.loads((tmp_path / "r.json").read_text())
     assert not [k for k, v in report.items() if isinstance(v, dict) and "error" in v]
-    assert report["tiny_page"]["generated_tokens"] == 4 and report["tiny_catalog"]["baseline_items_per_s"] > 0
-    assert report["tiny_page_in_place"]["in_place_decode"] is True and report["tiny_page_in_place"]["generated_tokens"] == 4
+    assert summary["skipped"] == [] and set(summary["elapsed_s"]) == set(gpu_engine_parts())
+    for name in ("tiny_page", "small_page", "base_page", "tiny_page_in_place", "tiny_page_no_graphs",
+                 "tiny_page_gathered", "tiny_page_gathered_no_graphs"):
+        assert report[name]["generated_tokens"] == 4 and report[name]["items_per_s"] > 0, name
+    assert report["tiny_catalog"]["baseline_items_per_s"] > 0 and report["small_page"]["speedup"] > 0
+    assert report["base_page"]["speedup"] is None and report["base_page"]["walls_s"]["baseline"] == []
+    assert report["small_page"]["checkpoint"] == "random:small-mini" and report["small_catalog"]["generated_tokens"] == 4
+    assert report["tiny_page_in_place"]["in_place_decode"] is True
     # CUDA graphs: never on a CPU device (auto), and the eager comparison run is there
     assert report["tiny_page"]["cuda_graphs"]["on"] is False and report["tiny_page"]["cuda_graphs"]["fallback"] is None
     for name in ("tiny_page_no_graphs", "tiny_page_gathered_no_graphs"):
-        assert report[name]["generated_tokens"] == 4 and not report[name]["cuda_graphs"]["on"]
+        assert not report[name]["cuda_graphs"]["on"]
     # the paged kernel: auto is off on CPU (no fallback to report), off where asked; alone, it agrees with
     # gathered SDPA at each variant's mini shapes (run in Triton's interpreter here)
     assert report["tiny_page"]["paged_attention"] == {"on": False, "fallback": None}
     assert report["tiny_page_gathered"]["paged_attention"]["on"] is False
-    assert report["tiny_page_gathered"]["generated_tokens"] == 4
     for v in ("tiny", "small", "base"):
         for b in ("2", "4"):
             row = report["paged_decode"][v][b]
             assert row["max_abs_diff"] <= 1e-5 * max(row["ref_max_abs"], 1.0) and row["ref_max_abs"] > 0
             assert row["paged_ms"] > 0 and row["gathered_ms"] > 0 and row["kv_read_mb"] > 0
-    cases = report["engine_vs_generate_tiny_mha-seed1"]
+    fix = report["bf16_fixtures"]
+    cases = fix["tiny_mha-seed1"]["engine"]
     assert len(cases) == 5 and all(c["engine_vs_generate"] == c["of"] == 8 for c in cases.values())
+    assert fix["engine_equal_generate_bf16"] == "5/5" and fix["bf16_cases_agreeing_8"].endswith("/5")
+    assert all(row["float32_agree"] == row["of"] for row in fix["tiny_mha-seed1"]["generate"].values())
     for w in ("page", "catalog"):  # the profiled phases ran: all prompts prefilled, then 20 decode steps
         prof = report[f"profile_{w}"]
         assert prof["prefill"]["steps"] >= 1 and prof["decode"]["steps"] == 20
@@ -107,5 +114,27 @@ def test_gpu_engine_rehearsal_on_cpu(tmp_path, fixtures_dir):
             row = fold[v][n]
             assert row["max_abs_diff"] <= 1e-5 * max(row["ref_max_abs"], 1.0) and row["ref_max_abs"] > 0
             assert row["today_ms"] > 0 and row["folded_ms"] > 0
+    assert summary["tiny_page"]["items_per_s"] == report["tiny_page"]["items_per_s"]
     stage = report["pipeline_stage"]
     assert stage["items"] == 4 and stage["status"] == ["ok"] * 4 and set(stage["finish_reason"]) <= {"eos", "length"}
+
+
+def gpu_engine_parts() -> list[str]:
+    sys.path.insert(0, str(REPO / "bench"))
+    import gpu_engine
+
+    return list(gpu_engine.ESTIMATE_S)
+
+
+def test_gpu_engine_deadline_skips_parts(tmp_path):
+    """A part that would pass the deadline is skipped and named, the JSON still written: the device call ends
+    inside its limit with what fitted."""
+    out = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "gpu_engine.py"), "--device", "cpu", "--size", "mini",
+         "--parts", "tiny_catalog", "base_page", "--deadline-s", "60", "--catalog-requests", "2",
+         "--max-new-tokens", "2", "--json", str(tmp_path / "r.json")],
+        capture_output=True, text=True, check=True, timeout=600,
+    ).stdout.strip().splitlines()
+    summary = json.loads(out[-1])
+    assert summary["skipped"] == ["base_page"] and list(summary["elapsed_s"]) == ["tiny_catalog"]
+    assert json.loads((tmp_path / "r.json").read_text())["tiny_catalog"]["generated_tokens"] == 4

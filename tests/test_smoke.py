@@ -200,3 +200,27 @@ def test_mini_is_a_usable_random_model(minis: dict[str, Path], variant: str) -> 
         logits = model(processor(conversation, [Image.new("RGB", (400, 300), (200, 30, 30))]))
     assert logits.shape[-1] == 384 and torch.isfinite(logits).all()
     assert 0.3 < logits.std().item() < 3.0
+
+
+@pytest.mark.parametrize("variant", ["tiny", "small"])
+def test_random_pretrained_equals_the_written_checkpoint_on_cpu(minis: dict[str, Path], variant: str) -> None:
+    """The in-memory random model (the GPU benchmarks' way: nothing written) goes through the same loading checks
+    and, drawn on the CPU, holds exactly the weights a written checkpoint of the same seed holds, and the same
+    processor."""
+    from model import load_pretrained
+    from model.smoke import RandomWeights, random_pretrained, smoke_config
+
+    model, processor = random_pretrained(variant, "mini", device="cpu", dtype=torch.float32, seed=1)
+    ref, ref_proc = load_pretrained(minis[variant], dtype=torch.float32)
+    got, want = model.state_dict(), ref.state_dict()
+    assert got.keys() == want.keys()
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    conv = [{"role": "<|User|>", "content": "Describe the page."}, {"role": "<|Assistant|>", "content": ""}]
+    assert processor(conv, []).input_ids.tolist() == ref_proc(conv, []).input_ids.tolist()
+    config, _ = smoke_config(variant, "mini", "float32")
+    reader = RandomWeights(config, seed=1)
+    with CheckpointReader(minis[variant]) as written:
+        assert sorted(reader.keys()) == sorted(written.keys())
+        key = next(k for k in reader.keys() if k.endswith("embed_tokens.weight"))
+        assert reader.shape(key) == tuple(written.shape(key))
+        assert torch.equal(reader.get(key, dtype=torch.bfloat16), written.get(key).to(torch.bfloat16))
