@@ -71,7 +71,10 @@ class CompiledDecode:
     def __init__(self, language):
         self.language = language
         self.fallback: str | None = None
-        self._fn = torch.compile(self._step, dynamic=True)
+        # no guards on the modules' attributes: each call then checks only its tensors and ints (0.17 -> 0.06 ms
+        # a step). Safe here: the engine never changes the model's modules, and a new model gets its own instance
+        self._fn = torch.compile(self._step, dynamic=True,
+                                 options={"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe})
 
     def __call__(self, embeds: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, tables: torch.Tensor,
                  lengths: torch.Tensor, block_size: int, cache) -> torch.Tensor | None:
@@ -89,23 +92,22 @@ class CompiledDecode:
             return None
 
     def _step(self, x, rope, slots, tables, lengths, block_size: int, cache):
-        n = x.shape[0]
-        pos = torch.arange(tables.shape[1] * block_size, device=x.device)
-        # each row's cache slots in order, through its block table: read by the products below, where inductor
-        # loads them in place (an indirect load inside the reduction), never as a gathered copy
-        cached = tables[:, pos // block_size] * block_size + pos % block_size  # [N, L]
-        real = (pos[None] < lengths[:, None])[:, None]  # [N, 1, L]
+        n, nb = tables.shape
+        # [1, N, 1, L]: which of each row's table positions hold its tokens (this one included)
+        real = (torch.arange(nb * block_size, device=x.device)[None] < lengths[:, None])[None, :, None]
         for i, layer in enumerate(self.language.model.layers):
             attn = layer.self_attn
             h, kv, d = attn.heads, attn.kv_heads, attn.head_dim
             q, entries = attn.project_packed(layer.input_layernorm(x), rope)  # q [1, H, N, D]
             cache.write(i, slots, entries)
-            k, v = (c[:, cached].transpose(0, 1) for c in cache.layers[i])  # [N, kv_heads, L, D]
-            if kv != h:
-                k, v = k.repeat_interleave(h // kv, dim=1), v.repeat_interleave(h // kv, dim=1)
-            scores = (q[0].transpose(0, 1)[:, :, None] * k).sum(-1) * d**-0.5  # [N, H, L]
-            scores = scores.masked_fill(~real, float("-inf"))
-            out = (scores.softmax(-1)[..., None] * v).sum(-2).reshape(n, h * d)
+            # each row's blocks through its table, [kv, N, 1, nb, bs, D]: inductor loads them in place, one table
+            # lookup per block and contiguous rows within it (a lookup per key, with its division and
+            # remainder, made this reduction ~3x slower); never a gathered copy
+            k, v = (c.view(kv, -1, block_size, d)[:, tables][:, :, None] for c in cache.layers[i])
+            qg = q[0].view(kv, h // kv, n, d).transpose(1, 2)[:, :, :, None, None]  # [kv, N, g, 1, 1, D]
+            scores = (qg * k).sum(-1).flatten(-2) * d**-0.5  # [kv, N, g, L]
+            p = scores.masked_fill(~real, float("-inf")).softmax(-1).unflatten(-1, (nb, block_size))
+            out = (p[..., None] * v).sum((-3, -2)).transpose(0, 1).reshape(n, h * d)  # heads in kv-major order
             x = x + attn.o_proj(out)
             z = layer.post_attention_layernorm(x)
             mlp = layer.mlp
