@@ -6,6 +6,9 @@
 Real-size models are built in memory on the device (`model.smoke.random_pretrained`: the official keys and
 shapes through the normal loading checks, random weights; nothing written or read), one variant at a time,
 shared by the parts that use it. Parts, in the default order:
+  kernel_canary        the paged decode kernel alone at tiny's and small's shapes, in a subprocess: a kernel that
+                       faults would poison this process's CUDA context and lose every part after it; if the
+                       subprocess fails, the engine parts run with `--paged-attention off` (recorded)
   tiny_page            model.bench page (256 requests): the default engine (CUDA graphs for decode-only steps,
                        the paged decode kernel), with the one-at-a-time baseline (1 request) in the same run
   tiny_catalog         model.bench catalog (512 requests), with its baseline
@@ -34,6 +37,7 @@ import argparse
 import asyncio
 import gc
 import json
+import subprocess
 import sys
 import tempfile
 import time
@@ -52,9 +56,9 @@ from model import bench as model_bench  # noqa: E402
 from model.smoke import random_pretrained, write_smoke_checkpoint  # noqa: E402
 
 sys.path.insert(0, str(REPO / "bench"))
+import gpu_check  # noqa: E402
 import moe_fold  # noqa: E402
 import paged_decode_bench  # noqa: E402
-import gpu_check  # noqa: E402
 from gpu_check import _agree, _free  # noqa: E402
 
 
@@ -151,7 +155,7 @@ def pipeline_stage(checkpoint: Path, device: str) -> dict:
 
 # seconds each part is expected to take on the H200, in the default order (a part is skipped when it would pass
 # the deadline); the builds of a variant (a few seconds: random draws on the device) fall in its first part
-ESTIMATE_S = {"tiny_page": 100, "tiny_catalog": 45, "bf16_fixtures": 40, "small_page": 120, "paged_decode": 40,
+ESTIMATE_S = {"kernel_canary": 40, "tiny_page": 100, "tiny_catalog": 45, "bf16_fixtures": 40, "small_page": 120, "paged_decode": 40,
               "base_page": 90, "tiny_page_gathered": 50, "tiny_page_no_graphs": 60, "profile_page": 30,
               "moe_fold": 30, "tiny_page_in_place": 50, "tiny_page_gathered_no_graphs": 60, "profile_catalog": 25,
               "small_catalog": 60, "pipeline_stage": 30}
@@ -209,7 +213,27 @@ def main(argv: list[str] | None = None) -> dict:
     models = Models(args.device, dtype, args.size)
     extra = ["--max-new-tokens", str(args.max_new_tokens)] if args.max_new_tokens else []
 
+    paged_off: list[str] = []  # set by the canary when the kernel fails alone
+
+    def canary() -> dict:
+        cmd = [sys.executable, str(REPO / "bench" / "paged_decode_bench.py"), "--device", args.device, "--size",
+               args.size, "--variants", "tiny", "small", "--batch", "8", "--repeats", "2"]
+        try:
+            run = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
+            rc, out, err = run.returncode, run.stdout, run.stderr
+        except subprocess.TimeoutExpired as e:
+            rc, out, err = "timeout", str(e.stdout or ""), str(e.stderr or "")
+        lines = out.strip().splitlines()
+        got = json.loads(lines[-1]) if rc == 0 and lines and lines[-1].startswith("{") else None
+        ok = got is not None and not any(isinstance(v, dict) and "error" in v for v in got.values())
+        if not ok:
+            paged_off[:] = ["--paged-attention", "off"]
+        return {"ok": ok, "rc": rc, "result": got, "stderr_tail": err[-2000:],
+                "engine_parts_paged_attention": "auto" if ok else "off"}
+
     def bench(variant: str, workload: str, n: int, *flags: str) -> dict:
+        if paged_off and "--paged-attention" not in flags:
+            flags = (*flags, *paged_off)
         return model_bench.main(["--checkpoint", f"random:{variant}-{args.size}", "--device", args.device,
                                  "--dtype", result["dtype"], "--workload", workload, "--requests", str(n),
                                  "--baseline-requests", "1", "--skip-static", *flags, *extra],
@@ -237,7 +261,9 @@ def main(argv: list[str] | None = None) -> dict:
 
     small = ["--batch", "2", "4", "--repeats", "2"] if args.size == "mini" else []
     parts = {
-        "paged_decode": lambda: paged_decode_bench.main(["--device", args.device, "--size", args.size, *small]),
+        "kernel_canary": canary,
+        "paged_decode": lambda: ({"skipped": "the kernel canary failed: not run in this process"} if paged_off else
+                                 paged_decode_bench.main(["--device", args.device, "--size", args.size, *small])),
         "tiny_page": lambda: bench("tiny", "page", args.page_requests),
         "tiny_catalog": lambda: bench("tiny", "catalog", args.catalog_requests),
         "bf16_fixtures": fixtures,
@@ -298,6 +324,8 @@ def summary(result: dict) -> dict:
             out[name]["paged"] = r["paged_attention"]
         elif name == "bf16_fixtures":
             out[name] = {k: r.get(k) for k in ("bf16_cases_agreeing_8", "engine_equal_generate_bf16")}
+        elif name == "kernel_canary":
+            out[name] = {k: r.get(k) for k in ("ok", "rc")}
         elif name == "pipeline_stage":
             out[name] = {k: r.get(k) for k in ("items", "status", "wall_s", "device")}
     return out

@@ -1,5 +1,6 @@
 """The model benchmark and the GPU check run end to end on CPU; their last line is the JSON report."""
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -79,6 +80,8 @@ def test_gpu_engine_rehearsal_on_cpu(tmp_path, fixtures_dir):
     summary, report = json.loads(out[-1]), json.loads((tmp_path / "r.json").read_text())
     assert not [k for k, v in report.items() if isinstance(v, dict) and "error" in v]
     assert summary["skipped"] == [] and set(summary["elapsed_s"]) == set(gpu_engine_parts())
+    assert report["kernel_canary"]["ok"] is True and report["kernel_canary"]["engine_parts_paged_attention"] == "auto"
+    assert report["kernel_canary"]["result"]["small"]["8"]["paged_ms"] > 0
     for name in ("tiny_page", "small_page", "base_page", "tiny_page_in_place", "tiny_page_no_graphs",
                  "tiny_page_gathered", "tiny_page_gathered_no_graphs"):
         assert report[name]["generated_tokens"] == 4 and report[name]["items_per_s"] > 0, name
@@ -126,15 +129,22 @@ def gpu_engine_parts() -> list[str]:
     return list(gpu_engine.ESTIMATE_S)
 
 
-def test_gpu_engine_deadline_skips_parts(tmp_path):
+def test_gpu_engine_deadline_and_a_failing_kernel_canary(tmp_path):
     """A part that would pass the deadline is skipped and named, the JSON still written: the device call ends
-    inside its limit with what fitted."""
+    inside its limit with what fitted. A kernel canary that fails (here: no Triton interpreter on CPU, so its
+    subprocess exits with an error) turns the paged kernel off for the engine parts and keeps the in-process
+    kernel benchmark from running."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = subprocess.run(
         [sys.executable, str(REPO / "bench" / "gpu_engine.py"), "--device", "cpu", "--size", "mini",
-         "--parts", "tiny_catalog", "base_page", "--deadline-s", "60", "--catalog-requests", "2",
-         "--max-new-tokens", "2", "--json", str(tmp_path / "r.json")],
-        capture_output=True, text=True, check=True, timeout=600,
+         "--parts", "kernel_canary", "paged_decode", "tiny_catalog", "base_page", "--deadline-s", "80",
+         "--catalog-requests", "2", "--max-new-tokens", "2", "--json", str(tmp_path / "r.json")],
+        capture_output=True, text=True, check=True, timeout=600, env=env,
     ).stdout.strip().splitlines()
-    summary = json.loads(out[-1])
-    assert summary["skipped"] == ["base_page"] and list(summary["elapsed_s"]) == ["tiny_catalog"]
-    assert json.loads((tmp_path / "r.json").read_text())["tiny_catalog"]["generated_tokens"] == 4
+    summary, report = json.loads(out[-1]), json.loads((tmp_path / "r.json").read_text())
+    assert summary["skipped"] == ["base_page"] and list(summary["elapsed_s"]) == ["kernel_canary", "paged_decode",
+                                                                                 "tiny_catalog"]
+    canary = report["kernel_canary"]
+    assert canary["ok"] is False and canary["rc"] != 0 and "TRITON_INTERPRET" in canary["stderr_tail"]
+    assert canary["engine_parts_paged_attention"] == "off" and "canary failed" in report["paged_decode"]["skipped"]
+    assert report["tiny_catalog"]["generated_tokens"] == 4
