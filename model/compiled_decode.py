@@ -101,8 +101,8 @@ class CompiledDecode:
             q, entries = attn.project_packed(layer.input_layernorm(x), rope)  # q [1, H, N, D]
             cache.write(i, slots, entries)
             # each row's blocks through its table, [kv, N, 1, nb, bs, D]: inductor loads them in place, one table
-            # lookup per block and contiguous rows within it (a lookup per key, with its division and
-            # remainder, made this reduction ~3x slower); never a gathered copy
+            # lookup per block and contiguous rows within it, never a gathered copy (a lookup per key, with its
+            # division and remainder, made this kernel 1.7x slower: 0.78 against 0.45 ms at 16 catalog rows)
             k, v = (c.view(kv, -1, block_size, d)[:, tables][:, :, None] for c in cache.layers[i])
             qg = q[0].view(kv, h // kv, n, d).transpose(1, 2)[:, :, :, None, None]  # [kv, N, g, 1, 1, D]
             scores = (qg * k).sum(-1).flatten(-2) * d**-0.5  # [kv, N, g, L]
