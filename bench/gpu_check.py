@@ -18,6 +18,7 @@ pydantic must be carried (see docs/model.md, "GPU check").
 from __future__ import annotations
 
 import argparse
+import gc
 import io
 import json
 import platform
@@ -39,6 +40,7 @@ from model.smoke import write_smoke_checkpoint  # noqa: E402
 
 
 def _free(device: str) -> None:
+    gc.collect()  # an engine's graphs and cache can sit in reference cycles
     if device.startswith("cuda"):
         torch.cuda.synchronize()
         torch.cuda.empty_cache()

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import gc
 import json
 import subprocess
 import sys
@@ -155,18 +154,10 @@ def pipeline_stage(checkpoint: Path, device: str) -> dict:
 
 # seconds each part is expected to take on the H200, in the default order (a part is skipped when it would pass
 # the deadline); the builds of a variant (a few seconds: random draws on the device) fall in its first part
-ESTIMATE_S = {"kernel_canary": 40, "tiny_page": 100, "tiny_catalog": 45, "bf16_fixtures": 40, "small_page": 120, "paged_decode": 40,
-              "base_page": 90, "tiny_page_gathered": 50, "tiny_page_no_graphs": 60, "profile_page": 30,
-              "moe_fold": 30, "tiny_page_in_place": 50, "tiny_page_gathered_no_graphs": 60, "profile_catalog": 25,
-              "small_catalog": 60, "pipeline_stage": 30}
-
-
-def free(device: str) -> None:
-    gc.collect()
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
+ESTIMATE_S = {"kernel_canary": 40, "tiny_page": 100, "tiny_catalog": 45, "bf16_fixtures": 40, "small_page": 120,
+              "paged_decode": 40, "base_page": 90, "tiny_page_gathered": 50, "tiny_page_no_graphs": 60,
+              "profile_page": 30, "moe_fold": 30, "tiny_page_in_place": 50, "tiny_page_gathered_no_graphs": 60,
+              "profile_catalog": 25, "small_catalog": 60, "pipeline_stage": 30}
 
 
 class Models:
@@ -177,7 +168,7 @@ class Models:
 
     def drop(self) -> None:
         self.loaded = self.name = None
-        free(self.device)
+        _free(self.device)
 
     def get(self, variant: str) -> tuple:
         if self.name != variant:
@@ -298,7 +289,7 @@ def main(argv: list[str] | None = None) -> dict:
             print(result[name]["traceback"], flush=True)
         result["elapsed_s"][name] = round(time.perf_counter() - t0, 1)
         result["build_s"] = models.build_s
-        free(args.device)
+        _free(args.device)
         if args.json:  # after every part, so a time-out still leaves the figures so far
             args.json.parent.mkdir(parents=True, exist_ok=True)
             args.json.write_text(json.dumps(result, indent=1) + "\n")

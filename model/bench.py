@@ -28,7 +28,6 @@ from PIL import Image, ImageDraw
 
 from . import Engine, SamplingParams, load_pretrained
 from .roofline import measure_device, model_shapes, roofline, workload_cost
-from .smoke import random_pretrained
 
 PROMPTS = {
     "page": "<image>\n<|grounding|>Convert the document to markdown.",
@@ -99,11 +98,8 @@ def run_static(model, processor, prepared, batch: int, new_tokens: int, device: 
 def main(argv: list[str] | None = None, loaded: tuple | None = None) -> dict:
     """`loaded`: a (model, processor) already on the device (one load serves several runs of a GPU script)."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--checkpoint", default=None, help="local dir, s3:// URL or hub id")
-    ap.add_argument("--random-weights", choices=["tiny", "small", "base"], default=None,
-                    help="instead of --checkpoint: that variant's real-size random-weight model built in memory on "
-                         "the device (model.smoke.random_pretrained), nothing written or read")
-    ap.add_argument("--random-size", choices=["mini", "full"], default="full", help="with --random-weights")
+    ap.add_argument("--checkpoint", required=loaded is None, help="local dir, s3:// URL or hub id (with `loaded`: "
+                    "its label)")
     ap.add_argument("--workload", choices=sorted(PROMPTS), default="page")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", choices=["bfloat16", "float32"], default=None,
@@ -141,14 +137,8 @@ def main(argv: list[str] | None = None, loaded: tuple | None = None) -> dict:
     new_tokens = args.max_new_tokens or NEW_TOKENS[args.workload]
     torch.manual_seed(0)
 
-    if loaded is None and not (args.checkpoint or args.random_weights):
-        ap.error("give --checkpoint or --random-weights")
     if loaded is not None:
         (model, processor), load_s = loaded, 0.0
-    elif args.random_weights:
-        (model, processor), load_s = _timed(args.device, lambda: random_pretrained(
-            args.random_weights, args.random_size, device=args.device, dtype=dtype))
-        args.checkpoint = f"random:{args.random_weights}-{args.random_size}"
     else:
         (model, processor), load_s = _timed(args.device, lambda: load_pretrained(
             args.checkpoint, device=args.device, dtype=dtype))

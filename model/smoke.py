@@ -367,8 +367,7 @@ def random_pretrained(variant: str, size: str = "full", device: str | torch.devi
     from model.loading import build_empty, load_weights
     from model.processor import Processor
 
-    name = {torch.bfloat16: "bfloat16", torch.float32: "float32"}[dtype]
-    config, tok = smoke_config(variant, size, name)
+    config, tok = smoke_config(variant, size, next(k for k, v in DTYPES.items() if v == dtype))
     out = Path(out_dir or tempfile.mkdtemp(prefix=f"pagemill-{variant}-{size}-"))
     write_checkpoint(out, config, tok, seed, weights=False)
     model = build_empty(load_config(out), torch.device(device), dtype)

@@ -74,7 +74,8 @@ def test_gpu_engine_rehearsal_on_cpu(tmp_path, fixtures_dir):
     out = subprocess.run(
         [sys.executable, str(REPO / "bench" / "gpu_engine.py"), "--device", "cpu", "--size", "mini",
          "--page-requests", "2", "--catalog-requests", "2", "--base-requests", "2", "--max-new-tokens", "2",
-         "--profile-requests", "2", "--fixtures", str(fixtures_dir / "tiny_mha-seed1"), "--json", str(tmp_path / "r.json")],
+         "--profile-requests", "2", "--fixtures", str(fixtures_dir / "tiny_mha-seed1"),
+         "--json", str(tmp_path / "r.json")],
         capture_output=True, text=True, check=True, timeout=600,
     ).stdout.strip().splitlines()
     summary, report = json.loads(out[-1]), json.loads((tmp_path / "r.json").read_text())
@@ -87,7 +88,8 @@ def test_gpu_engine_rehearsal_on_cpu(tmp_path, fixtures_dir):
         assert report[name]["generated_tokens"] == 4 and report[name]["items_per_s"] > 0, name
     assert report["tiny_catalog"]["baseline_items_per_s"] > 0 and report["small_page"]["speedup"] > 0
     assert report["base_page"]["speedup"] is None and report["base_page"]["walls_s"]["baseline"] == []
-    assert report["small_page"]["checkpoint"] == "random:small-mini" and report["small_catalog"]["generated_tokens"] == 4
+    assert report["small_page"]["checkpoint"] == "random:small-mini"
+    assert report["small_catalog"]["generated_tokens"] == 4
     assert report["tiny_page_in_place"]["in_place_decode"] is True
     # CUDA graphs: never on a CPU device (auto), and the eager comparison run is there
     assert report["tiny_page"]["cuda_graphs"]["on"] is False and report["tiny_page"]["cuda_graphs"]["fallback"] is None
